@@ -1,0 +1,124 @@
+"""Benchmarks: speed is measured here and recorded in BENCHMARKS.md, never asserted in tests.
+
+Each measurement prints one JSON line: name, shape, droplets, median ms over repeats after a
+warm-up (compile) call, and extras such as peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amortize.config import RenderConfig, SceneConfig
+from amortize.droplets import Background, Droplets
+from amortize.optics import default_optics_params
+from amortize.render import render
+
+
+def random_scene(n: int, shape: tuple[int, int], seed: int = 0) -> tuple[Droplets, Background]:
+    """n droplets uniform over the image, radii from the default prior, mixed compositions."""
+    h, w = shape
+    rng = np.random.default_rng(seed)
+    scene = SceneConfig()
+    mean, sd = scene.log_radius_prior
+    radius = np.exp(np.clip(rng.normal(mean, sd, n), math.log(1.5), math.log(30.0)))
+    droplets = Droplets.from_arrays(
+        rng.uniform(-0.5, w - 0.5, n),
+        rng.uniform(-0.5, h - 0.5, n),
+        radius,
+        rng.uniform(0, 1, (n, 3)),
+    )
+    return droplets, Background.flat([0.62, 0.66, 0.58])
+
+
+def median_ms(fn, *args, repeats: int = 10) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def _emit(record: dict) -> dict:
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def bench_render_forward(shape, n, repeats=10) -> dict:
+    droplets, background = random_scene(n, shape)
+    optics = default_optics_params()
+    ms = median_ms(lambda d: render(d, optics, background, shape), droplets, repeats=repeats)
+    return {"name": "render_forward", "shape": [*shape, 3], "droplets": n, "median_ms": ms}
+
+
+def bench_render_grad(shape, n, repeats=10) -> dict:
+    """Forward + gradient of a squared-error loss w.r.t. every latent and the optics."""
+    droplets, background = random_scene(n, shape)
+    optics = default_optics_params()
+    target = jnp.full((*shape, 3), 0.5)
+
+    @jax.jit
+    def loss_and_grad(d, p, b):
+        return jax.value_and_grad(
+            lambda d, p, b: jnp.mean((render(d, p, b, shape) - target) ** 2), argnums=(0, 1, 2)
+        )(d, p, b)
+
+    ms = median_ms(loss_and_grad, droplets, optics, background, repeats=repeats)
+    return {"name": "render_value_and_grad", "shape": [*shape, 3], "droplets": n, "median_ms": ms}
+
+
+def bench_render_memory(shape, n, repeats=5) -> dict:
+    """Forward render measured in a fresh process, so its peak RSS is its own."""
+    code = (
+        "import json,resource;from amortize import bench;"
+        f"r=bench.bench_render_forward({tuple(shape)},{n},{repeats});"
+        "r['peak_rss_mb']=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024;"
+        "print(json.dumps(r))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    record["peak_rss_mb"] = round(record["peak_rss_mb"], 1)
+    return record
+
+
+def bench_simulate(n: int, size: tuple[int, int]) -> dict:
+    """Wall time of writing n simulated scenes (compile, render, nuisances, PNG + CSV)."""
+    from amortize.simulate import write_simulation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        write_simulation(tmp, n, size, seed=0, progress=False)
+        seconds = time.perf_counter() - start
+    return {
+        "name": "simulate_write",
+        "shape": [size[1], size[0], 3],
+        "images": n,
+        "total_s": round(seconds, 2),
+        "median_ms": round(1e3 * seconds / n, 2),
+    }
+
+
+def run_render_bench(quick: bool = False) -> list[dict]:
+    """The render benchmark suite of issue 2 (`amortize bench render`)."""
+    records = []
+    if quick:  # smoke-test sizes
+        records.append(_emit(bench_render_forward((40, 48), 20, repeats=2)))
+        records.append(_emit(bench_render_grad((40, 48), 20, repeats=2)))
+        records.append(_emit(bench_simulate(3, (32, 32))))
+        return records
+    records.append(_emit(bench_render_forward((380, 507), 2000)))
+    records.append(_emit(bench_render_grad((380, 507), 2000)))
+    records.append(_emit(bench_render_memory((1520, 2028), 20000)))
+    records.append(_emit(bench_simulate(1000, (128, 128))))
+    return records

@@ -1,0 +1,136 @@
+"""Imaging nuisances randomised in simulation: blur, pixel noise, JPEG-like compression.
+
+They make simulated scenes look like real micrographs (DECODE's lesson: a model trained on
+one clean look breaks on real data). They are pure JAX, so scenes can also be made inside a
+jitted training step. None of them is part of the likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amortize.config import NuisanceConfig
+
+
+def gaussian_blur(image: jnp.ndarray, sigma: jnp.ndarray, max_sigma: float) -> jnp.ndarray:
+    """Separable Gaussian blur of an (H, W, C) image with a traced sigma (px).
+
+    The kernel's support is static (3 * max_sigma), its weights follow sigma; sigma -> 0 gives
+    the identity. Edges are extended, not zero-padded, so borders keep their colour.
+    """
+    half = max(1, int(math.ceil(3 * max_sigma)))
+    offsets = jnp.arange(-half, half + 1, dtype=jnp.float32)
+    s = jnp.maximum(sigma, 1e-3)
+    weights = jnp.exp(-0.5 * (offsets / s) ** 2)
+    weights = weights / weights.sum()
+
+    def along(a, axis):
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (half, half)
+        a = jnp.pad(a, pad, mode="edge")
+        n = a.shape[axis] - 2 * half
+        return sum(
+            weights[i] * jax.lax.slice_in_dim(a, i, i + n, axis=axis) for i in range(2 * half + 1)
+        )
+
+    return along(along(image, 0), 1)
+
+
+# Standard JPEG quantisation tables (ITU T.81, Annex K).
+_LUMA_Q = np.array(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    np.float32,
+)
+_CHROMA_Q = np.full((8, 8), 99.0, np.float32)
+_CHROMA_Q[:4, :4] = [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]]
+
+
+def _dct_matrix() -> np.ndarray:
+    k, n = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    m = np.cos((2 * n + 1) * k * np.pi / 16) * np.sqrt(2 / 8)
+    m[0] /= np.sqrt(2)
+    return m.astype(np.float32)
+
+
+_DCT = _dct_matrix()
+
+
+def _quantise_blocks(plane: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
+    """DCT-quantise-invert every 8x8 block of a 2-D plane (0..255 scale)."""
+    h, w = plane.shape
+    ph, pw = -h % 8, -w % 8
+    p = jnp.pad(plane, ((0, ph), (0, pw)), mode="edge") - 128.0
+    blocks = p.reshape(p.shape[0] // 8, 8, p.shape[1] // 8, 8).transpose(0, 2, 1, 3)
+    coef = jnp.einsum("ij,abjk,lk->abil", _DCT, blocks, _DCT)
+    coef = jnp.round(coef / table) * table
+    blocks = jnp.einsum("ji,abjk,kl->abil", _DCT, coef, _DCT)
+    p = blocks.transpose(0, 2, 1, 3).reshape(p.shape) + 128.0
+    return p[:h, :w]
+
+
+def jpeg_like(image: jnp.ndarray, quality: jnp.ndarray) -> jnp.ndarray:
+    """Approximate JPEG compression of an (H, W, C) image in [0, 1] at a traced quality.
+
+    YCbCr conversion, 4:2:0 chroma subsampling and 8x8 DCT quantisation with the standard
+    tables scaled by quality, as libjpeg does. No entropy coding, which is lossless anyway.
+    """
+    q = jnp.clip(quality, 1.0, 100.0)
+    scale = jnp.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q) / 100.0
+    luma_q = jnp.clip(jnp.floor(_LUMA_Q * scale + 0.5), 1.0, 255.0)
+    chroma_q = jnp.clip(jnp.floor(_CHROMA_Q * scale + 0.5), 1.0, 255.0)
+    x = image * 255.0
+    if image.shape[-1] == 1:
+        return jnp.clip(_quantise_blocks(x[..., 0], luma_q)[..., None] / 255.0, 0.0, 1.0)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 128.0 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 128.0 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    h, w = y.shape
+
+    def subsampled(c):
+        c = jnp.pad(c, ((0, h % 2), (0, w % 2)), mode="edge")
+        small = c.reshape(c.shape[0] // 2, 2, c.shape[1] // 2, 2).mean(axis=(1, 3))
+        small = _quantise_blocks(small, chroma_q)
+        return jnp.repeat(jnp.repeat(small, 2, axis=0), 2, axis=1)[:h, :w]
+
+    y = _quantise_blocks(y, luma_q)
+    cb, cr = subsampled(cb) - 128.0, subsampled(cr) - 128.0
+    rgb = jnp.stack(
+        [y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1
+    )
+    return jnp.clip(rgb / 255.0, 0.0, 1.0)
+
+
+def degrade(
+    key: jax.Array, clean: jnp.ndarray, noise: jnp.ndarray, config: NuisanceConfig
+) -> tuple[jnp.ndarray, dict]:
+    """Blur, add pixel noise, maybe JPEG-compress and quantise a rendered (H, W, C) image.
+
+    Returns:
+        (image in [0, 1], the drawn nuisance values as a dict of scalars).
+    """
+    k_blur, k_noise, k_jpeg, k_quality = jax.random.split(key, 4)
+    sigma = jax.random.uniform(k_blur, (), maxval=config.blur_sigma_max)
+    image = clean
+    if config.blur_sigma_max > 0:
+        image = gaussian_blur(image, sigma, config.blur_sigma_max)
+    image = jnp.clip(image + noise * jax.random.normal(k_noise, image.shape), 0.0, 1.0)
+    use_jpeg = jax.random.bernoulli(k_jpeg, config.jpeg_probability)
+    quality = jax.random.uniform(
+        k_quality, (), minval=config.jpeg_quality_min, maxval=config.jpeg_quality_max
+    )
+    if config.jpeg_probability > 0:
+        image = jnp.where(use_jpeg, jpeg_like(image, quality), image)
+    if config.quantize:
+        image = jnp.round(image * 255.0) / 255.0
+    info = {"blur_sigma": sigma, "jpeg": use_jpeg, "jpeg_quality": quality, "noise": noise}
+    return image, info
