@@ -193,7 +193,8 @@ def fit_default_optics(n_types: int = 3, channels: int = 3, steps: int = DEFAULT
 def _default_optics_cached(n_types: int, channels: int) -> dict:
     template = init_optics(jax.random.PRNGKey(0), channels, n_types)
     if (n_types, channels) == (3, 3) and DEFAULT_OPTICS_FILE.exists():
-        return serialization.from_bytes(template, DEFAULT_OPTICS_FILE.read_bytes())
+        loaded = serialization.from_bytes(template, DEFAULT_OPTICS_FILE.read_bytes())
+        return jax.tree_util.tree_map(jnp.asarray, loaded)
     # Other K or C: fit once per process (about a minute on 2 cores at full length).
     return fit_default_optics(n_types, channels, steps=1500)[0]
 

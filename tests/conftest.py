@@ -1,0 +1,47 @@
+"""Shared test set-up: CPU only, tiny shapes, and the shared data folder (skip if absent)."""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from amortize.config import RenderConfig, SceneConfig, SimulationConfig  # noqa: E402
+from amortize.optics import default_optics_params  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def optics():
+    return default_optics_params(3, 3)
+
+
+@pytest.fixture(scope="session")
+def tiny_render():
+    return RenderConfig.tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_sim():
+    return SimulationConfig.tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_scene():
+    return SceneConfig.tiny()
+
+
+@pytest.fixture
+def shared_droplets_image():
+    path = SHARED / "data" / "droplets" / "slide_a_left.png"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (../shared beside the checkout)")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_only():
+    assert jax.default_backend() == "cpu"

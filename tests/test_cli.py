@@ -1,0 +1,81 @@
+"""Subprocess smoke tests of the console script."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from amortize import io
+
+TINY = ["--density", "30", "--radius-range", "1.5", "5"]
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "amortize.cli", *args], capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_simulate_round_trip(tmp_path):
+    out = tmp_path / "sim"
+    res = run("simulate", "--out", str(out), "--n", "2", "--size", "40", "24", "--seed", "3",
+              "--quiet", *TINY)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and manifest["size"] == [40, 24]
+    assert manifest["config"]["scene"]["density"] == 30.0
+    assert "jax" in manifest["versions"]
+    for stem in manifest["stems"]:
+        img = io.read_image(out / f"{stem}.png")
+        assert img.shape == (24, 40, 3)
+        table = io.read_table(out / f"{stem}.csv")
+        assert list(table) == ["x", "y", "radius", "presence", "comp_0", "comp_1", "comp_2"]
+    # Same seed again (with --force): identical files.
+    first = (out / "scene_00000.png").read_bytes()
+    res = run("simulate", "--out", str(out), "--n", "2", "--size", "40", "24", "--seed", "3",
+              "--quiet", "--force", *TINY)
+    assert res.returncode == 0, res.stderr
+    assert (out / "scene_00000.png").read_bytes() == first
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--n", "0", "--size", "16", "16"], "--n"),
+        (["--n", "2", "--size", "0", "16"], "--size"),
+        (["--n", "2", "--size", "16", "16385"], "exceeds"),
+        (["--n", "2", "--size", "16", "16", "--radius-range", "5", "2"], "--radius-range"),
+        (["--n", "2", "--size", "16", "16", "--density", "-1"], "density"),
+        (["--n", "two", "--size", "16", "16"], "invalid int"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line_and_no_files(tmp_path, args, words):
+    out = tmp_path / "never"
+    res = run("simulate", "--out", str(out), *args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], res.stderr
+    assert not out.exists()
+
+
+def test_non_empty_or_unwritable_output_dir(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("precious")
+    res = run("simulate", "--out", str(full), "--n", "1", "--size", "16", "16")
+    assert res.returncode == 2 and "not empty" in res.stderr and str(full) in res.stderr
+    assert sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run("simulate", "--out", str(blocker / "sub"), "--n", "1", "--size", "16", "16")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bench_render_quick_prints_json_lines():
+    res = run("bench", "render", "--quick")
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    names = {r["name"] for r in records}
+    assert {"render_forward", "render_value_and_grad", "simulate_write"} <= names
+    assert all(np.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in records)

@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from amortize import io
+from amortize.errors import BadArgument, BadInput
+
+
+def _rgb(h=6, w=7):
+    return (np.arange(h * w * 3).reshape(h, w, 3) % 251).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "mode, suffix",
+    [("RGB", ".png"), ("RGBA", ".png"), ("L", ".png"), ("RGB", ".jpg"), ("RGB", ".tif"),
+     ("L", ".tiff"), ("P", ".png"), ("LA", ".png")],
+)
+def test_reads_common_modes_as_float_rgb(tmp_path, mode, suffix):
+    path = tmp_path / f"img{suffix}"
+    Image.fromarray(_rgb()).convert(mode).save(path)
+    img = io.read_image(path)
+    assert img.shape == (6, 7, 3) and img.dtype == np.float32
+    assert 0.0 <= img.min() and img.max() <= 1.0
+
+
+def test_reads_16_bit_grey_png(tmp_path):
+    path = tmp_path / "deep.png"
+    data = np.array([[0, 65535], [32768, 1000]], np.uint16)
+    Image.fromarray(data).save(path)
+    img = io.read_image(path)
+    np.testing.assert_allclose(img[0, 1], 1.0)
+    np.testing.assert_allclose(img[1, 0], 32768 / 65535, rtol=1e-4)
+
+
+def test_rgb_values_are_exact(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(_rgb()).save(path)
+    np.testing.assert_allclose(io.read_image(path), _rgb() / 255.0, atol=1e-7)
+
+
+def test_bad_images_get_one_clear_error(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny)
+    truncated = tmp_path / "cut.jpg"
+    Image.fromarray(_rgb(64, 64)).save(truncated, "JPEG")
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    cases = {
+        tmp_path / "missing.png": "no such file",
+        empty: "empty file",
+        text: "not a readable image",
+        tiny: "too small",
+        truncated: "corrupt or truncated",
+        tmp_path: "is a directory",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(BadInput) as err:
+            io.read_image(path)
+        message = str(err.value)
+        assert str(path) in message and reason in message and "\n" not in message
+
+
+def test_atomic_write_refuses_to_overwrite_without_force(tmp_path):
+    path = tmp_path / "out.json"
+    io.write_json(path, {"a": 1})
+    with pytest.raises(BadArgument, match="--force"):
+        io.write_json(path, {"a": 2})
+    io.write_json(path, {"a": 3}, force=True)
+    assert '"a": 3' in path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp files left
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "x.bin"
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_table_csv_round_trip(tmp_path):
+    table = {"x": np.array([1.5, 2.25]), "y": np.array([3.0, 4.0]),
+             "radius": np.array([2.0, 5.5]), "presence": np.ones(2), "comp_0": np.array([0.1, 0.9])}
+    io.write_table(tmp_path / "t.csv", table)
+    back = io.read_table(tmp_path / "t.csv")
+    assert list(back) == list(table)
+    for k in table:
+        np.testing.assert_allclose(back[k], table[k], atol=1e-4)
+
+
+def test_output_dir_rules(tmp_path):
+    out = io.prepare_output_dir(tmp_path / "new" / "deeper", force=False)
+    assert out.is_dir()
+    (out / "f.txt").write_text("x")
+    with pytest.raises(BadArgument, match="not empty"):
+        io.prepare_output_dir(out, force=False)
+    io.prepare_output_dir(out, force=True)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(BadArgument):
+        io.prepare_output_dir(blocker / "sub", force=False)

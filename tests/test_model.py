@@ -1,0 +1,75 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro import handlers
+from numpyro.infer import Predictive
+from numpyro.infer.util import log_density
+
+from amortize.config import SceneConfig
+from amortize.errors import BadArgument
+from amortize.model import droplet_model, scene_from_trace
+
+
+def test_sites_have_expected_shapes(optics, tiny_scene, tiny_render):
+    shape = (20, 24)
+    n = tiny_scene.n_slots(shape)
+    tr = handlers.trace(handlers.seed(droplet_model, 0)).get_trace(
+        shape=shape, optics_params=optics, scene=tiny_scene, render_config=tiny_render)
+    expect = {
+        "presence": (n,), "x": (n,), "y": (n,), "log_radius": (n,), "composition": (n, 3),
+        "background_colour": (3,), "illumination": (3, 5), "noise": (), "rendered": (20, 24, 3),
+        "image": (20, 24, 3),
+    }
+    for name, s in expect.items():
+        assert tr[name]["value"].shape == s, name
+    assert not tr["image"]["is_observed"]
+
+
+def test_prior_predictive_density_and_radius_range(optics, tiny_render):
+    scene = SceneConfig(density=40.0, radius_min=1.5, radius_max=5.0)
+    shape = (40, 40)
+    samples = Predictive(droplet_model, num_samples=40)(
+        jax.random.PRNGKey(0), shape=shape, optics_params=optics, scene=scene,
+        render_config=tiny_render)
+    x, y, present = samples["x"], samples["y"], samples["presence"] > 0
+    inside = present & (x >= -0.5) & (x < 39.5) & (y >= -0.5) & (y < 39.5)
+    per_image = np.asarray(inside.sum(-1))
+    density = per_image.mean() / (40 * 40 / 1e4)
+    assert density == pytest.approx(40.0, rel=0.15)
+    r = np.exp(np.asarray(samples["log_radius"]))
+    assert r.min() >= 1.5 - 1e-4 and r.max() <= 5.0 + 1e-4
+    assert r.max() - r.min() > 2.5  # the prior spreads over the range
+
+
+def test_log_density_and_gradient_finite_on_an_observed_image(optics, tiny_scene, tiny_render):
+    shape = (16, 16)
+    tr = handlers.trace(handlers.seed(droplet_model, 1)).get_trace(
+        shape=shape, optics_params=optics, scene=tiny_scene, render_config=tiny_render)
+    image = tr["image"]["value"]
+    latents = {k: tr[k]["value"] for k in ("x", "y", "log_radius", "composition", "noise")}
+    fixed = {k: tr[k]["value"] for k in ("presence", "background_colour", "illumination")}
+
+    def logp(lat):
+        lp, _ = log_density(droplet_model, (image,),
+                            dict(optics_params=optics, scene=tiny_scene, render_config=tiny_render),
+                            {**lat, **fixed})
+        return lp
+
+    lp, grads = jax.value_and_grad(logp)(latents)
+    assert np.isfinite(float(lp))
+    for name, g in grads.items():
+        assert np.all(np.isfinite(np.asarray(g))), name
+
+
+def test_scene_from_trace_round_trip(optics, tiny_scene, tiny_render):
+    tr = handlers.trace(handlers.seed(droplet_model, 2)).get_trace(
+        shape=(12, 12), optics_params=optics, scene=tiny_scene, render_config=tiny_render)
+    droplets, background, noise = scene_from_trace(tr)
+    np.testing.assert_allclose(droplets.radius, jnp.exp(tr["log_radius"]["value"]))
+    assert background.colour.shape == (3,) and noise.shape == ()
+
+
+def test_needs_image_or_shape(optics):
+    with pytest.raises(BadArgument):
+        handlers.seed(droplet_model, 0)(optics_params=optics)

@@ -1,0 +1,60 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amortize.optics import (
+    HIDDEN,
+    apply_optics,
+    default_optics_params,
+    fit_optics,
+    init_optics,
+    lens_droplet,
+    module_for,
+    n_types_of,
+    sample_optics_inputs,
+)
+
+
+def test_parameter_count_matches_original_notebooks(optics):
+    n = sum(leaf.size for leaf in jax.tree_util.tree_leaves(optics))
+    assert 1000 < n < 1500  # "about 1.3k"
+    assert module_for(optics).hidden == HIDDEN
+    assert n_types_of(optics) == 3
+
+
+def test_shipped_default_fits_the_analytic_droplet(optics):
+    feats = sample_optics_inputs(jax.random.PRNGKey(123), 8192, 3, 3)
+    target = lens_droplet(feats, 3, 3)
+    mse = float(jnp.mean((apply_optics(optics, feats) - target) ** 2))
+    assert mse < 0.05 * float(jnp.var(target))
+
+
+def test_analytic_droplet_looks_like_a_lens():
+    def delta(u, v, comp):
+        f = jnp.asarray([0.6, 0.6, 0.6, u, v, np.log(8.0), *comp])
+        return np.asarray(lens_droplet(f, 3, 3))
+
+    blue = (1.0, 0.0, 0.0)
+    centre, caustic, far = delta(0, 0, blue), delta(0, 0.72, blue), delta(0, -1.4, blue)
+    assert centre.sum() < -0.5  # the dye darkens the body
+    assert centre[2] > centre[0]  # a blue droplet passes blue light
+    assert caustic[:2].mean() > centre[:2].mean() + 0.5  # bright lower caustic
+    assert np.abs(far).max() < 0.05  # nothing far above the droplet
+
+
+def test_fit_lowers_the_loss_quickly():
+    target = lambda f: lens_droplet(f, 2, 3)  # noqa: E731
+    _, mse_short = fit_optics(target, n_types=2, channels=3, steps=5, batch=256)
+    _, mse_long = fit_optics(target, n_types=2, channels=3, steps=150, batch=256)
+    assert np.isfinite(mse_long) and mse_long < mse_short
+
+
+def test_other_channel_and_type_counts_build():
+    params = init_optics(jax.random.PRNGKey(0), channels=1, n_types=2)
+    out = apply_optics(params, jnp.zeros((5, 1 + 3 + 2)))
+    assert out.shape == (5, 1)
+    assert n_types_of(params) == 2
+
+
+def test_default_params_are_cached(optics):
+    assert default_optics_params(3, 3) is optics

@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from amortize.droplets import table_columns
+from amortize.errors import BadArgument
+from amortize.simulate import simulate
+
+
+def test_returns_images_and_tables(tiny_sim):
+    sim = simulate(3, (40, 32), seed=0, config=tiny_sim)
+    assert sim.images.shape == (3, 32, 40, 3)
+    assert sim.overflow == 0
+    for table in sim.tables:
+        assert list(table) == table_columns(3)
+        assert np.all(table["presence"] == 1.0)
+        assert np.all((table["x"] >= -0.5) & (table["x"] < 39.5))
+        assert np.all((table["y"] >= -0.5) & (table["y"] < 31.5))
+        assert np.all((table["radius"] >= 1.5) & (table["radius"] <= 6.0))
+    assert sum(len(t["x"]) for t in sim.tables) > 0
+
+
+def test_same_seed_same_output_and_scene_independent_of_count(tiny_sim):
+    a = simulate(3, (32, 32), seed=7, config=tiny_sim)
+    b = simulate(3, (32, 32), seed=7, config=tiny_sim)
+    np.testing.assert_array_equal(a.images, b.images)
+    one = simulate(1, (32, 32), seed=7, config=tiny_sim)
+    np.testing.assert_allclose(one.images[0], a.images[0], atol=1.5 / 255)
+    np.testing.assert_array_equal(one.tables[0]["x"], a.tables[0]["x"])
+    c = simulate(1, (32, 32), seed=8, config=tiny_sim)
+    assert not np.array_equal(c.images[0], a.images[0])
+
+
+def test_images_are_not_blank(tiny_sim):
+    sim = simulate(2, (48, 48), seed=1, config=tiny_sim)
+    assert sim.images.std(axis=(1, 2, 3)).min() > 0.01
+
+
+@pytest.mark.parametrize("n, size", [(0, (8, 8)), (-1, (8, 8)), (1, (0, 8)), (1, (8, 20000))])
+def test_bad_requests(n, size):
+    with pytest.raises(BadArgument):
+        simulate(n, size)
