@@ -41,6 +41,7 @@ class GridLayout:
         h, w = shape
         t = config.tile
         self.shape = (h, w)
+        self.tile = t
         self.tiles = (math.ceil(h / t), math.ceil(w / t))
         self.sides = [t * 2**level for level in range(config.levels)]
         self.cells = [(math.ceil(h / s) + 2, math.ceil(w / s) + 2) for s in self.sides]
@@ -48,6 +49,12 @@ class GridLayout:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
         self.n_rows = int(sum(sizes))
         self.tile_rows = self._tile_rows(config.levels)
+
+    def tile_origins(self) -> tuple[np.ndarray, np.ndarray]:
+        """(y0, x0) pixel of each tile's top-left corner, each (n_tiles,), in tile order."""
+        nty, ntx = self.tiles
+        ty, tx = np.divmod(np.arange(nty * ntx), ntx)
+        return ty * self.tile, tx * self.tile
 
     def _tile_rows(self, levels: int) -> np.ndarray:
         """(n_tiles, levels * 9) rows of the cell table that each tile reads."""
@@ -124,9 +131,7 @@ def tile_candidates(
     cand = table[layout.tile_rows].reshape(layout.tile_rows.shape[0], -1)
     safe = jnp.maximum(cand, 0)
     x, y, r = (jax.lax.stop_gradient(a)[safe] for a in (droplets.x, droplets.y, droplets.radius))
-    nty, ntx = layout.tiles
-    ty, tx = np.divmod(np.arange(nty * ntx), ntx)
-    x0, y0 = (tx * t)[:, None], (ty * t)[:, None]
+    y0, x0 = (o[:, None] for o in layout.tile_origins())
     # Distance from the droplet centre to the nearest pixel centre of the tile.
     gap_x = jnp.maximum(jnp.maximum(x0 - x, x - (x0 + t - 1)), 0.0)
     gap_y = jnp.maximum(jnp.maximum(y0 - y, y - (y0 + t - 1)), 0.0)
@@ -143,19 +148,8 @@ def fade(d: jnp.ndarray, config: RenderConfig) -> jnp.ndarray:
     return 1.0 - s * s * (3.0 - 2.0 * s)
 
 
-def _to_tiles(a: jnp.ndarray, layout: GridLayout, tile: int) -> jnp.ndarray:
-    """(H, W, ...) -> (n_tiles, tile * tile, ...), padding the edges."""
-    nty, ntx = layout.tiles
-    h, w = a.shape[:2]
-    pad = [(0, nty * tile - h), (0, ntx * tile - w)] + [(0, 0)] * (a.ndim - 2)
-    a = jnp.pad(a, pad, mode="edge")
-    a = a.reshape((nty, tile, ntx, tile) + a.shape[2:])
-    a = jnp.swapaxes(a, 1, 2)
-    return a.reshape((nty * ntx, tile * tile) + a.shape[4:])
-
-
 def _from_tiles(a: jnp.ndarray, layout: GridLayout, tile: int) -> jnp.ndarray:
-    """Inverse of `_to_tiles`, cropped to the image shape."""
+    """(n_tiles, tile * tile, ...) in tile order -> (H, W, ...) image layout."""
     nty, ntx = layout.tiles
     a = a.reshape((nty, ntx, tile, tile) + a.shape[2:])
     a = jnp.swapaxes(a, 1, 2).reshape((nty * tile, ntx * tile) + a.shape[4:])
@@ -176,11 +170,10 @@ def nearest_droplet(
     cand = tile_candidates(droplets, table, layout, config)
     safe = jnp.maximum(cand, 0)
     x, y, r = (jax.lax.stop_gradient(a)[safe] for a in (droplets.x, droplets.y, droplets.radius))
-    nty, ntx = layout.tiles
-    ty, tx = np.divmod(np.arange(nty * ntx), ntx)
+    y0, x0 = layout.tile_origins()
     oy, ox = np.divmod(np.arange(t * t), t)
-    px = (tx[:, None] * t + ox[None, :]).astype(np.float32)  # (n_tiles, t*t)
-    py = (ty[:, None] * t + oy[None, :]).astype(np.float32)
+    px = (x0[:, None] + ox[None, :]).astype(np.float32)  # (n_tiles, t * t)
+    py = (y0[:, None] + oy[None, :]).astype(np.float32)
     d2 = ((px[..., None] - x[:, None, :]) ** 2 + (py[..., None] - y[:, None, :]) ** 2) / (
         r[:, None, :] ** 2
     )
