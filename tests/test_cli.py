@@ -79,3 +79,27 @@ def test_bench_render_quick_prints_json_lines():
     names = {r["name"] for r in records}
     assert {"render_forward", "render_value_and_grad", "simulate_write"} <= names
     assert all(np.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in records)
+
+
+def test_config_file_sets_the_prior_and_bad_toml_is_one_line(tmp_path, capsys):
+    from amortize.cli import main
+
+    recipe = tmp_path / "sim.toml"
+    recipe.write_text(
+        "[simulation.scene]\ndensity = 25.0\nradius_min = 1.5\nradius_max = 4.0\n"
+        "[simulation.render]\ntile = 4\nlevels = 3\n"
+    )
+    out = tmp_path / "out"
+    assert main(["simulate", "--out", str(out), "--n", "1", "--size", "24", "24",
+                 "--config", str(recipe), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["scene"]["density"] == 25.0
+    assert manifest["config"]["render"]["tile"] == 4
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[simulation.scene]\ndensty = 3\n")
+    assert main(["simulate", "--out", str(tmp_path / "x"), "--n", "1", "--size", "24", "24",
+                 "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "densty" in err[0]
+    assert not (tmp_path / "x").exists()
