@@ -141,7 +141,7 @@ def sample_optics_inputs(key: jax.Array, n: int, n_types: int, channels: int) ->
     angle = jax.random.uniform(k2, (n,), maxval=2 * jnp.pi)
     d = 1.6 * jnp.sqrt(jax.random.uniform(k3, (n,)))
     log_r = jax.random.uniform(k4, (n,), minval=jnp.log(0.4), maxval=jnp.log(45.0))
-    # Mostly one dominant dye, sometimes mixtures, as in real emulsions.
+    # Uniform compositions cover every mixture the Beta(1, 1) prior can draw.
     comp = jax.random.uniform(k5, (n, n_types))
     return optics_features(colour, d * jnp.cos(angle), d * jnp.sin(angle), jnp.exp(log_r), comp)
 
