@@ -61,6 +61,18 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import json
+
+    from amortize.evaluate import evaluate_dirs
+
+    metrics, errors = evaluate_dirs(args.pred, args.truth, rmin=args.rmin)
+    for err in errors:
+        print(f"amortize evaluate: error: {err}", file=sys.stderr)
+    print(json.dumps(metrics))
+    return 1 if errors else 0
+
+
 def cmd_bench(args) -> int:
     from amortize import bench
 
@@ -85,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--force", action="store_true", help="write into a non-empty directory")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     sim.set_defaults(run=cmd_simulate)
+
+    ev = sub.add_parser("evaluate", help="match predictions to ground truth, print metrics")
+    ev.add_argument("--pred", required=True, help="directory of predicted <stem>.csv")
+    ev.add_argument("--truth", required=True, help="directory of ground-truth <stem>.csv")
+    ev.add_argument("--rmin", type=float, default=0.0,
+                    help="true droplets smaller than this radius (px) are don't-care")
+    ev.set_defaults(run=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="measure speed (prints JSON lines)")
     bench.add_argument("what", choices=["render"])

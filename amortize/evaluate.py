@@ -1,0 +1,150 @@
+"""Detection metrics against ground-truth droplet tables.
+
+Predictions and truths are matched one-to-one by the Hungarian algorithm on centre distance.
+A pair counts when the distance is <= max(1.5 px, 0.5 * true radius). True droplets smaller
+than `rmin` are "don't care": matching one is neither a hit nor a false alarm, and missing one
+is not a miss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from amortize import io
+from amortize.errors import AmortizeError, BadArgument, BadInput
+
+MIN_TOLERANCE_PX = 1.5
+RADIUS_TOLERANCE = 0.5
+
+
+@dataclasses.dataclass
+class Matches:
+    """One image's matching: counts plus the matched pairs' values."""
+
+    tp: int
+    fp: int
+    fn: int
+    position_error: np.ndarray  # (M,) px
+    radius_rel_error: np.ndarray  # (M,)
+    comp_pred: np.ndarray  # (M, K)
+    comp_true: np.ndarray  # (M, K)
+
+
+def _columns(table: dict, prefix: str) -> np.ndarray:
+    keys = sorted((k for k in table if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+    n = len(table["x"])
+    return np.stack([table[k] for k in keys], axis=1) if keys else np.zeros((n, 0), np.float32)
+
+
+def match_tables(pred: dict, truth: dict, rmin: float = 0.0) -> Matches:
+    """Match one image's predicted table to its ground truth."""
+    px, py = np.asarray(pred["x"], float), np.asarray(pred["y"], float)
+    tx, ty, tr = (np.asarray(truth[k], float) for k in ("x", "y", "radius"))
+    care = tr >= rmin
+    tol = np.maximum(MIN_TOLERANCE_PX, RADIUS_TOLERANCE * tr)
+    dist = np.hypot(px[:, None] - tx[None, :], py[:, None] - ty[None, :])
+    ok = dist <= tol[None, :]
+    matched_p = np.zeros(len(px), bool)
+    pairs = np.zeros((0, 2), int)
+    if ok.any():
+        # Infeasible pairs cost more than any feasible assignment can save.
+        cost = np.where(ok, dist, 1e6)
+        rows, cols = linear_sum_assignment(cost)
+        keep = ok[rows, cols]
+        pairs = np.stack([rows[keep], cols[keep]], axis=1)
+        matched_p[pairs[:, 0]] = True
+    counted = pairs[care[pairs[:, 1]]]
+    # An unmatched prediction sitting on a don't-care droplet is not a false alarm either.
+    near_ignored = (ok & ~care[None, :]).any(axis=1)
+    fp = int(np.sum(~matched_p & ~near_ignored))
+    tp = len(counted)
+    fn = int(care.sum()) - tp
+    p, t = counted[:, 0], counted[:, 1]
+    comp_p, comp_t = _columns(pred, "comp_"), _columns(truth, "comp_")
+    k = min(comp_p.shape[1], comp_t.shape[1])
+    return Matches(
+        tp=tp, fp=fp, fn=fn,
+        position_error=dist[p, t],
+        radius_rel_error=np.abs(np.asarray(pred["radius"], float)[p] - tr[t]) / tr[t],
+        comp_pred=comp_p[p, :k], comp_true=comp_t[t, :k],
+    )
+
+
+def cross_validated_r2(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0):
+    """R^2 of predicting y (M, K) from x (M, K') by a linear fit with intercept, k-fold CV.
+
+    Pooled over outputs: 1 - sum of squared out-of-fold errors / total sum of squares.
+    None when there are too few pairs or no composition columns.
+    """
+    m = len(y)
+    if m < 2 * folds or y.shape[1] == 0 or x.shape[1] == 0:
+        return None
+    order = np.random.default_rng(seed).permutation(m)
+    pred = np.zeros_like(y, dtype=float)
+    design = np.concatenate([x, np.ones((m, 1))], axis=1)
+    for fold in np.array_split(order, folds):
+        train = np.setdiff1d(order, fold)
+        coef, *_ = np.linalg.lstsq(design[train], y[train], rcond=None)
+        pred[fold] = design[fold] @ coef
+    sst = np.sum((y - y.mean(axis=0)) ** 2)
+    return float(1.0 - np.sum((y - pred) ** 2) / sst) if sst > 0 else None
+
+
+def summarise(matches: list[Matches]) -> dict:
+    """Pooled metrics over images."""
+    tp = sum(m.tp for m in matches)
+    fp = sum(m.fp for m in matches)
+    fn = sum(m.fn for m in matches)
+    pos = np.concatenate([m.position_error for m in matches]) if matches else np.zeros(0)
+    rad = np.concatenate([m.radius_rel_error for m in matches]) if matches else np.zeros(0)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    r2 = None
+    if matches:
+        r2 = cross_validated_r2(np.concatenate([m.comp_pred for m in matches]),
+                                np.concatenate([m.comp_true for m in matches]))
+    return {
+        "images": len(matches),
+        "tp": tp, "fp": fp, "fn": fn,
+        "precision": precision, "recall": recall, "f1": f1,
+        "position_rmse_px": float(np.sqrt(np.mean(pos**2))) if len(pos) else None,
+        "median_radius_rel_error": float(np.median(rad)) if len(rad) else None,
+        "composition_r2": r2,
+    }
+
+
+def evaluate_dirs(pred_dir, truth_dir, rmin: float = 0.0) -> tuple[dict, list[AmortizeError]]:
+    """Evaluate every `<stem>.csv` of `truth_dir` against `pred_dir/<stem>.csv`.
+
+    Returns:
+        (metrics dict, errors for images that could not be evaluated).
+    """
+    pred_dir, truth_dir = pathlib.Path(pred_dir), pathlib.Path(truth_dir)
+    for d, flag in ((pred_dir, "--pred"), (truth_dir, "--truth")):
+        if not d.is_dir():
+            raise BadArgument(d, f"{flag} is not a directory")
+    if rmin < 0:
+        raise BadArgument("--rmin", f"must be >= 0, got {rmin}")
+    truths = sorted(truth_dir.glob("*.csv"))
+    if not truths:
+        raise BadInput(truth_dir, "no ground-truth .csv files")
+    matches, errors = [], []
+    for truth_path in truths:
+        try:
+            pred = io.read_table(pred_dir / truth_path.name)
+            truth = io.read_table(truth_path)
+            for table, path in ((pred, pred_dir / truth_path.name), (truth, truth_path)):
+                missing = {"x", "y", "radius"} - set(table)
+                if missing:
+                    raise BadInput(path, f"missing column(s) {', '.join(sorted(missing))}")
+            matches.append(match_tables(pred, truth, rmin))
+        except AmortizeError as err:
+            errors.append(err)
+    metrics = summarise(matches)
+    metrics["rmin"] = rmin
+    return metrics, errors

@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from amortize import io
+from amortize.errors import BadArgument
+from amortize.evaluate import cross_validated_r2, evaluate_dirs, match_tables, summarise
+
+
+def table(x, y, r, comp=None):
+    t = {"x": np.asarray(x, float), "y": np.asarray(y, float), "radius": np.asarray(r, float),
+         "presence": np.ones(len(x))}
+    if comp is not None:
+        for k, col in enumerate(np.asarray(comp, float).T):
+            t[f"comp_{k}"] = col
+    return t
+
+
+def test_perfect_and_shifted_predictions():
+    truth = table([10, 30], [10, 30], [4, 4])
+    m = match_tables(truth, truth)
+    assert (m.tp, m.fp, m.fn) == (2, 0, 0)
+    pred = table([10.3, 30], [10, 30.4], [4.4, 4])
+    s = summarise([match_tables(pred, truth)])
+    assert s["f1"] == 1.0
+    assert s["position_rmse_px"] == pytest.approx(np.sqrt((0.09 + 0.16) / 2))
+    assert s["median_radius_rel_error"] == pytest.approx(0.05)
+
+
+def test_misses_false_alarms_and_tolerance():
+    truth = table([10, 30, 50], [10, 10, 10], [2, 10, 4])
+    # 2 px from a radius-2 droplet is beyond max(1.5, 1.0); 4 px from radius 10 is within 5.
+    pred = table([12, 34, 80], [10, 10, 10], [2, 10, 3])
+    m = match_tables(pred, truth)
+    assert (m.tp, m.fp, m.fn) == (1, 2, 2)
+    s = summarise([m])
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(1 / 3)
+
+
+def test_hungarian_beats_greedy():
+    # Greedy nearest would give pred 0 to truth 1 and leave truth 0 unmatched.
+    truth = table([0.0, 1.4], [0, 0], [3, 3])
+    pred = table([1.0, 2.6], [0, 0], [3, 3])
+    m = match_tables(pred, truth)
+    assert m.tp == 2 and m.fp == 0 and m.fn == 0
+
+
+def test_dont_care_small_droplets():
+    truth = table([10, 30], [10, 10], [1.0, 4.0])
+    found = match_tables(table([10, 30], [10, 10], [1, 4]), truth, rmin=2.0)
+    assert (found.tp, found.fp, found.fn) == (1, 0, 0)
+    missed = match_tables(table([30], [10], [4]), truth, rmin=2.0)
+    assert (missed.tp, missed.fp, missed.fn) == (1, 0, 0)
+
+
+def test_cross_validated_r2():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(200, 3))
+    assert cross_validated_r2(x, 2 * x + 1) == pytest.approx(1.0)
+    assert cross_validated_r2(x, rng.uniform(size=(200, 3))) < 0.1
+    assert cross_validated_r2(x[:3], x[:3]) is None
+
+
+def test_evaluate_dirs_reports_bad_files_and_goes_on(tmp_path):
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    pred.mkdir()
+    truth.mkdir()
+    t = table([5, 15], [5, 5], [3, 3], comp=[[0.2, 0.8], [0.9, 0.1]])
+    io.write_table(truth / "a.csv", t)
+    io.write_table(pred / "a.csv", t)
+    io.write_table(truth / "b.csv", t)  # no prediction for b
+    metrics, errors = evaluate_dirs(pred, truth)
+    assert metrics["images"] == 1 and metrics["f1"] == 1.0
+    assert len(errors) == 1 and "b.csv" in str(errors[0])
+    with pytest.raises(BadArgument):
+        evaluate_dirs(pred / "nope", truth)
+
+
+def test_cli_simulated_truth_against_itself(tmp_path):
+    sim = tmp_path / "sim"
+    cmd = [sys.executable, "-m", "amortize.cli"]
+    subprocess.run(cmd + ["simulate", "--out", str(sim), "--n", "2", "--size", "48", "40",
+                          "--density", "40", "--radius-range", "1.5", "5", "--quiet"],
+                   check=True, timeout=300)
+    res = subprocess.run(cmd + ["evaluate", "--pred", str(sim), "--truth", str(sim),
+                                "--rmin", "2"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads(res.stdout)
+    assert metrics["f1"] == 1.0 and metrics["position_rmse_px"] < 1e-3
+    assert metrics["composition_r2"] == pytest.approx(1.0, abs=1e-3)
+    (sim / "scene_00000.csv").unlink()
+    other = tmp_path / "other"
+    other.mkdir()
+    res = subprocess.run(cmd + ["evaluate", "--pred", str(sim), "--truth", str(other)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
