@@ -61,6 +61,38 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import json
+
+    from amortize.train import load_recipe, train
+    from amortize.writers import NullWriter
+
+    run = load_recipe(args.config)
+    metrics = train(run, args.workdir, writer=NullWriter() if args.no_log else None,
+                    progress=not args.quiet)
+    if not args.quiet:
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from amortize.predict import Predictor, predict_files
+
+    if not 0 < args.threshold < 1:
+        raise BadArgument("--threshold", f"must be in (0, 1), got {args.threshold}")
+    if args.scale is not None and not args.scale > 0:
+        raise BadArgument("--scale", f"must be > 0, got {args.scale}")
+    predictor = Predictor.load(args.checkpoint)
+    done, errors = predict_files(
+        args.inputs, args.out, predictor, threshold=args.threshold, scale=args.scale,
+        force=args.force, progress=not args.quiet,
+        report=lambda line: print(f"amortize predict: {line}", file=sys.stderr),
+    )
+    if not args.quiet:
+        print(f"predicted {done} image(s) into {args.out}" + (f"; {len(errors)} failed" if errors else ""))
+    return 1 if errors or done == 0 else 0
+
+
 def cmd_evaluate(args) -> int:
     import json
 
@@ -98,6 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     sim.set_defaults(run=cmd_simulate)
 
+    tr = sub.add_parser("train", help="train the encoder on simulated scenes (resumes)")
+    tr.add_argument("--config", required=True, help="TOML recipe, e.g. train/default.toml")
+    tr.add_argument("--workdir", required=True,
+                    help="run directory: config, checkpoints, logs; an existing run resumes")
+    tr.add_argument("--no-log", action="store_true", help="no tensorboard logs")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    tr.set_defaults(run=cmd_train)
+
+    pr = sub.add_parser("predict", help="find every droplet in images (CSV, overlay, JSON)")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument("--checkpoint", help="model directory or training workdir "
+                    "(default: checkpoints/default)")
+    pr.add_argument("--threshold", type=float, default=0.5, help="presence to report (0-1)")
+    pr.add_argument("--scale", type=float,
+                    help="input px per encoder px; the default model covers radii 1.5-40 px "
+                    "at 1, use 2 for 3-80 px")
+    pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    pr.set_defaults(run=cmd_predict)
+
     ev = sub.add_parser("evaluate", help="match predictions to ground truth, print metrics")
     ev.add_argument("--pred", required=True, help="directory of predicted <stem>.csv")
     ev.add_argument("--truth", required=True, help="directory of ground-truth <stem>.csv")
@@ -121,6 +174,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from amortize.predict import enable_compilation_cache
+
+        enable_compilation_cache()
         return args.run(args)
     except BadArgument as err:
         print(f"amortize {args.verb}: error: {err}", file=sys.stderr)

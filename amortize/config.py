@@ -45,6 +45,8 @@ class SceneConfig:
         noise_min, noise_max: LogUniform prior of the pixel noise scale.
         slot_margin: extra droplet slots, in standard deviations of the droplet count, so that
             a fixed-capacity scene rarely truncates the prior's count.
+        density_spread: if > 1, each scene's density is `density` times a LogUniform factor
+            in [1 / spread, spread] (sparse and crowded scenes from one prior); 1 fixes it.
     """
 
     channels: int = 3
@@ -61,6 +63,7 @@ class SceneConfig:
     noise_min: float = 0.005
     noise_max: float = 0.04
     slot_margin: float = 4.0
+    density_spread: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.channels in (1, 3), "channels", "must be 1 or 3")
@@ -82,6 +85,7 @@ class SceneConfig:
             "need 0 < min < max < 1",
         )
         _check(self.illumination_sd >= 0, "illumination_sd", "must be >= 0")
+        _check(self.density_spread >= 1, "density_spread", "must be >= 1 (1 = fixed density)")
         _check(0 < self.noise_min < self.noise_max, "noise_min/max", "need 0 < min < max")
 
     @property
@@ -107,8 +111,8 @@ class SceneConfig:
         return self.density * (h + 2 * m) * (w + 2 * m) / 1e4
 
     def n_slots(self, shape: tuple[int, int]) -> int:
-        """Fixed droplet capacity for an image of `shape` (H, W)."""
-        mean = self.expected_count(shape)
+        """Fixed droplet capacity for an image of `shape` (H, W), at the densest scene."""
+        mean = self.expected_count(shape) * self.density_spread
         return int(math.ceil(mean + self.slot_margin * math.sqrt(mean) + 4))
 
     @classmethod

@@ -12,6 +12,7 @@ Sites (N = slots, K = types, C = channels):
     background_colour (C,)  Uniform
     illumination (C, 5)  Normal: smooth low-order illumination field (logit units)
     noise ()  LogUniform pixel noise scale
+    density_factor ()  LogUniform scale of the density (only when scene.density_spread > 1)
     rendered (H, W, C)  deterministic, the noise-free image
     image (H, W, C)  Normal(rendered, noise)
 """
@@ -54,7 +55,11 @@ def droplet_model(
     h, w = shape
     n = n_slots if n_slots is not None else scene.n_slots(shape)
     margin = scene.margin()
-    p_present = min(scene.expected_count(shape) / n, 1.0)
+    expected = scene.expected_count(shape)
+    if scene.density_spread > 1.0:
+        spread = scene.density_spread
+        expected = expected * numpyro.sample("density_factor", dist.LogUniform(1 / spread, spread))
+    p_present = jnp.minimum(expected / n, 1.0)
     log_mean, log_sd = scene.log_radius_prior
     a, b = scene.composition_concentration
     c = scene.channels

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from amortize import io
 from amortize.config import MAX_IMAGE_SIDE, SimulationConfig, to_dict
-from amortize.droplets import Droplets, table_columns, to_table
+from amortize.droplets import Background, Droplets, table_columns, to_table
 from amortize.errors import BadArgument
 from amortize.model import droplet_model, scene_from_trace
 from amortize.nuisance import degrade
@@ -56,8 +56,11 @@ def simulate_scene(
     shape: tuple[int, int],
     config: SimulationConfig,
     optics_params: dict,
-) -> tuple[jnp.ndarray, Droplets, dict]:
-    """One scene: (image (H, W, C), droplets, nuisance values incl. overflow). Jittable."""
+) -> tuple[jnp.ndarray, Droplets, Background, dict]:
+    """One scene: (image (H, W, C), droplets, background, nuisance values incl. overflow).
+
+    Jittable; `shape` and `config` are static.
+    """
     k_model, k_nuisance = jax.random.split(key)
     trace = handlers.trace(handlers.seed(droplet_model, k_model)).get_trace(
         shape=shape,
@@ -65,10 +68,10 @@ def simulate_scene(
         scene=config.scene,
         render_config=config.render,
     )
-    droplets, _, noise = scene_from_trace(trace)
+    droplets, background, noise = scene_from_trace(trace)
     image, info = degrade(k_nuisance, trace["rendered"]["value"], noise, config.nuisance)
     info["overflow"] = overflow(droplets, shape, config.render)
-    return image, droplets, info
+    return image, droplets, background, info
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "config"))
@@ -108,7 +111,7 @@ def iter_simulation(
     for start in range(0, n, batch):
         idx = np.arange(start, start + batch)
         keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(idx))
-        images, droplets, info = jax.device_get(_simulate_batch(keys, (h, w), config, optics_params))
+        images, droplets, _, info = jax.device_get(_simulate_batch(keys, (h, w), config, optics_params))
         for j, i in enumerate(idx[idx < n]):
             one = jax.tree_util.tree_map(lambda a: a[j], droplets)
             nuisance = {k: float(v[j]) for k, v in info.items() if k != "overflow"}

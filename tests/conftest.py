@@ -45,3 +45,26 @@ def shared_droplets_image():
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_only():
     assert jax.default_backend() == "cpu"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An untrained tiny encoder saved as a model checkpoint (for I/O and shape tests)."""
+    from amortize.checkpoint import save_model
+    from amortize.config import to_dict
+    from amortize.encoder import init_encoder
+    from amortize.train import RunConfig
+
+    run = RunConfig.tiny()
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(path, init_encoder(jax.random.PRNGKey(0), run.encoder), to_dict(run), step=7)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_predictor():
+    from amortize.predict import DEFAULT_CHECKPOINT, Predictor
+
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.fail(f"the shipped model is missing: {DEFAULT_CHECKPOINT}")
+    return Predictor.load()

@@ -73,3 +73,18 @@ def test_scene_from_trace_round_trip(optics, tiny_scene, tiny_render):
 def test_needs_image_or_shape(optics):
     with pytest.raises(BadArgument):
         handlers.seed(droplet_model, 0)(optics_params=optics)
+
+
+def test_density_spread_draws_a_density_per_scene(optics, tiny_render):
+    fixed = SceneConfig(density=40.0, radius_min=1.5, radius_max=5.0)
+    spread = SceneConfig(density=40.0, radius_min=1.5, radius_max=5.0, density_spread=4.0)
+    shape = (40, 40)
+    assert spread.n_slots(shape) > fixed.n_slots(shape)  # room for the densest scene
+    samples = Predictive(droplet_model, num_samples=60)(
+        jax.random.PRNGKey(1), shape=shape, optics_params=optics, scene=spread,
+        render_config=tiny_render)
+    factor = np.asarray(samples["density_factor"])
+    assert factor.min() >= 0.25 and factor.max() <= 4.0
+    counts = np.asarray(samples["presence"].sum(-1))
+    # Denser draws hold more droplets.
+    assert np.corrcoef(factor, counts)[0, 1] > 0.7

@@ -1,0 +1,102 @@
+"""Checkpoints: one orbax-managed directory of numbered steps, each with a pytree and the
+resolved config as JSON.
+
+A training run saves its whole state (parameters, optimiser state, step) under the item
+`state`; a shipped model (`checkpoints/default/`) saves only the parameters under `params`.
+`load_model` reads either, so a training workdir can be used for prediction directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from amortize.errors import BadInput
+
+#: Where a training workdir keeps its checkpoints.
+CHECKPOINT_SUBDIR = "checkpoints"
+
+# orbax logs every save and restore at INFO/WARNING; the CLI reports what matters itself.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def manager(directory: str | pathlib.Path, max_to_keep: int = 2, read_only: bool = False):
+    """An orbax CheckpointManager over `directory` (absolute path, created unless read-only)."""
+    directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save(mgr, step: int, item: str, tree: Any, config: dict, wait: bool = False) -> None:
+    """Save `tree` as `item` plus the resolved `config` at `step` (async unless `wait`)."""
+    args = {item: ocp.args.StandardSave(tree), "config": ocp.args.JsonSave(config)}
+    mgr.save(step, args=ocp.args.Composite(**args), force=True)
+    if wait:
+        mgr.wait_until_finished()
+
+
+def restore(mgr, step: int, item: str, target: Any | None = None) -> tuple[Any, dict]:
+    """(tree, config) saved at `step`. With `target`, arrays take its structure and dtypes."""
+    restore_arg = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+    out = mgr.restore(
+        step, args=ocp.args.Composite(**{item: restore_arg, "config": ocp.args.JsonRestore()})
+    )
+    return out[item], out["config"]
+
+
+def find_checkpoints(path: str | pathlib.Path) -> pathlib.Path:
+    """The orbax directory inside `path`: the path itself, or a workdir's `checkpoints/`."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise BadInput(path, "checkpoint not found (no such directory)")
+    if not path.is_dir():
+        raise BadInput(path, "checkpoint must be a directory, not a file")
+    nested = path / CHECKPOINT_SUBDIR
+    return nested if nested.is_dir() else path
+
+
+def load_model(path: str | pathlib.Path) -> tuple[dict, dict, int]:
+    """(params, resolved config, step) of the latest checkpoint under `path`.
+
+    Raises:
+        BadInput: no checkpoint there, or one that cannot be read (corrupt, partial).
+    """
+    directory = find_checkpoints(path)
+    try:
+        mgr = manager(directory, read_only=True)
+        step = mgr.latest_step()
+    except Exception as err:  # orbax raises many types for a directory it cannot parse
+        raise BadInput(path, f"not a readable checkpoint directory ({_short(err)})") from None
+    if step is None:
+        raise BadInput(path, "no checkpoint found in this directory")
+    items = {p.name for p in (directory / str(step)).iterdir()} if (directory / str(step)).is_dir() else set()
+    item = "params" if "params" in items else "state"
+    if "config" not in items or item not in items:
+        raise BadInput(directory / str(step), "incomplete checkpoint (missing params or config)")
+    try:
+        tree, config = restore(mgr, step, item)
+    except Exception as err:
+        raise BadInput(directory / str(step), f"corrupt checkpoint ({_short(err)})") from None
+    finally:
+        mgr.close()
+    params = tree["params"] if item == "state" else tree
+    return params, config, int(step)
+
+
+def save_model(path: str | pathlib.Path, params: Any, config: dict, step: int) -> None:
+    """Write an inference-only checkpoint (parameters and config) to `path`."""
+    mgr = manager(path, max_to_keep=1)
+    try:
+        save(mgr, step, "params", params, config, wait=True)
+    finally:
+        mgr.close()
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]

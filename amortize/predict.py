@@ -1,0 +1,369 @@
+"""Instant inference: a trained encoder, one forward pass, a table of droplets.
+
+    predictor = Predictor.load()            # checkpoints/default/, or a path
+    table = predictor.predict(image)        # image: (H, W, 3) float32 in [0, 1]
+
+`predict_files` is what `amortize predict` runs: for each image it writes `<stem>.csv`,
+`<stem>.overlay.png` and `<stem>.json` into the output directory.
+
+Images of any size from 32 x 32 up are padded to multiples of 32. Frames larger than
+`MAX_UNTILED_PIXELS` are cut into overlapping tiles; each tile contributes only the cells of
+its core, and peaks are found on the stitched cell grid, so a droplet on a tile border is
+found once and where it would be without tiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from amortize import checkpoint, io
+from amortize.detect import cell_droplets, to_droplet_table
+from amortize.encoder import ALIGN, STRIDE, Encoder, decode_outputs
+from amortize.errors import AmortizeError, BadArgument, BadInput
+from amortize.overlay import draw_overlay
+
+#: The shipped model.
+DEFAULT_CHECKPOINT = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+#: Padded frames above this many pixels are tiled (bounds peak memory to a few GB).
+MAX_UNTILED_PIXELS = 2048 * 2048
+#: Tile core side and the context margin around it (px, multiples of ALIGN). The margin
+#: covers the encoder's effective receptive field, so tiling leaves predictions unchanged.
+TILE_CORE = 1536
+TILE_MARGIN = 160
+#: Smallest image side accepted (the encoder's deepest level needs a few cells).
+MIN_SIDE = 32
+#: Images encoded together when predicting a directory.
+BATCH = 4
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Turn on JAX's persistent compilation cache so that later runs skip the compile.
+
+    The cache lives in $AMORTIZE_CACHE_DIR, else ~/.cache/amortize/jax.
+    """
+    path = pathlib.Path(
+        path or os.environ.get("AMORTIZE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "amortize" / "jax"
+    )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return path  # a read-only home only costs the compile, never the run
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def standardise_np(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel standardisation with whole-image statistics (see `encoder.standardise`).
+
+    Done outside the jitted encoder so that tiles share the statistics of the whole frame
+    and the compiled program depends only on the padded shape.
+    """
+    mean = image.mean(axis=(0, 1), dtype=np.float64)
+    std = image.std(axis=(0, 1), dtype=np.float64) + 0.02
+    z = ((image - mean) / std).astype(np.float32)
+    return z, np.stack([mean, std]).astype(np.float32)
+
+
+def _pad(z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    h, w = z.shape[:2]
+    return np.pad(z, ((0, shape[0] - h), (0, shape[1] - w), (0, 0)))
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def tile_starts(n: int, core: int) -> list[int]:
+    """Starts of the tile cores along one padded axis of length `n`."""
+    return list(range(0, n, core))
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A trained encoder ready for inference.
+
+    Attributes:
+        params: encoder variables.
+        config: the resolved training config (dict, as saved in the checkpoint).
+        step: training step of the checkpoint.
+        source: where it was loaded from.
+    """
+
+    params: dict
+    config: dict
+    step: int
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        from amortize.train import run_config_from_json  # train imports the simulator
+
+        self.run = run_config_from_json(self.config)
+        self.params = jax.tree_util.tree_map(jnp.asarray, self.params)
+        encoder = Encoder(self.run.encoder)
+        self._encode = jax.jit(lambda p, z: encoder.apply(p, z))
+        k = self.run.encoder.n_types
+        self._detect = jax.jit(
+            lambda raw, stats, threshold: cell_droplets(decode_outputs(raw, stats, k), threshold)
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "Predictor":
+        """Load a model directory or a training workdir (default: the shipped model)."""
+        path = pathlib.Path(path) if path is not None else DEFAULT_CHECKPOINT
+        params, config, step = checkpoint.load_model(path)
+        try:
+            return cls(params, config, step, str(path))
+        except (AmortizeError, TypeError, KeyError) as err:
+            raise BadInput(path, f"checkpoint config is not usable ({err})") from None
+
+    @property
+    def n_types(self) -> int:
+        return self.run.encoder.n_types
+
+    def raw_cells(self, z: np.ndarray, tile_core: int = TILE_CORE, margin: int = TILE_MARGIN,
+                  max_untiled: int = MAX_UNTILED_PIXELS) -> np.ndarray:
+        """Raw head outputs (Hc, Wc, n) for one standardised, aligned image (H, W, C)."""
+        h, w = z.shape[:2]
+        if h * w <= max_untiled:
+            return np.asarray(self._encode(self.params, z[None]))[0]
+        cells = np.zeros((h // STRIDE, w // STRIDE, self.run.encoder.n_outputs), np.float32)
+        # Every window has the same shape (one compiled program) and lies inside the frame:
+        # it is the tile core plus `margin` of context, slid inwards at the frame's edges,
+        # so a cell sees the frame's true border exactly as the untiled encoder does.
+        side_y, side_x = min(tile_core + 2 * margin, h), min(tile_core + 2 * margin, w)
+        for y0 in tile_starts(h, tile_core):
+            for x0 in tile_starts(w, tile_core):
+                wy = min(max(y0 - margin, 0), h - side_y)
+                wx = min(max(x0 - margin, 0), w - side_x)
+                raw = np.asarray(self._encode(self.params, z[None, wy : wy + side_y, wx : wx + side_x]))[0]
+                y1, x1 = min(y0 + tile_core, h), min(x0 + tile_core, w)
+                cells[y0 // STRIDE : y1 // STRIDE, x0 // STRIDE : x1 // STRIDE] = raw[
+                    (y0 - wy) // STRIDE : (y1 - wy) // STRIDE, (x0 - wx) // STRIDE : (x1 - wx) // STRIDE
+                ]
+        return cells
+
+    def predict(self, image: np.ndarray, threshold: float = 0.5, scale: float | None = None,
+                **tiling) -> dict[str, np.ndarray]:
+        """Droplets of one image.
+
+        Args:
+            image: (H, W, 3) float in [0, 1] (grey (H, W) is expanded to RGB).
+            threshold: presence needed to report a droplet, in (0, 1).
+            scale: input px per encoder px. The default model covers radii of 1.5 to 40 px
+                at scale 1; use 2 for radii of 3 to 80 px, and so on.
+
+        Returns:
+            A droplet table (x, y, radius, presence, comp_*, x_std, y_std, radius_std) in the
+            input image's pixels.
+        """
+        image = check_image(image)
+        if not 0 < threshold < 1:
+            raise BadArgument("--threshold", f"must be in (0, 1), got {threshold}")
+        scale = 1.0 if scale is None else float(scale)
+        if not (scale > 0 and np.isfinite(scale)):
+            raise BadArgument("--scale", f"must be a positive number, got {scale}")
+        work = resize(image, scale)
+        h, w = work.shape[:2]
+        if min(h, w) < MIN_SIDE:
+            raise BadArgument("image", f"{w}x{h} px at scale {scale:g} is smaller than {MIN_SIDE} px")
+        z, stats = standardise_np(work)
+        z = _pad(z, (aligned(h), aligned(w)))
+        raw = self.raw_cells(z, **tiling)
+        cells = jax.device_get(self._detect(raw, stats, jnp.float32(threshold)))
+        return to_droplet_table(cells, (h, w), scale)
+
+    def predict_batch(self, images: list[np.ndarray], threshold: float = 0.5,
+                      scale: float | None = None) -> list[dict[str, np.ndarray]]:
+        """`predict` for several images; same-size frames share one encoder call.
+
+        The batch is padded to `BATCH` images so that a directory of any length compiles
+        one program per frame size.
+        """
+        if len(images) < 2 or (scale or 1.0) != 1.0 or len({np.shape(im) for im in images}) > 1:
+            return [self.predict(im, threshold, scale) for im in images]
+        images = [check_image(im) for im in images]
+        h, w = images[0].shape[:2]
+        if aligned(h) * aligned(w) > MAX_UNTILED_PIXELS or min(h, w) < MIN_SIDE:
+            return [self.predict(im, threshold) for im in images]
+        if not 0 < threshold < 1:
+            raise BadArgument("--threshold", f"must be in (0, 1), got {threshold}")
+        out = []
+        for start in range(0, len(images), BATCH):
+            chunk = images[start : start + BATCH]
+            zs, stats = zip(*(standardise_np(im) for im in chunk))
+            z = np.zeros((BATCH, aligned(h), aligned(w), 3), np.float32)
+            for i, zi in enumerate(zs):
+                z[i, :h, :w] = zi
+            raw = np.asarray(self._encode(self.params, z))
+            for i in range(len(chunk)):
+                cells = jax.device_get(self._detect(raw[i], stats[i], jnp.float32(threshold)))
+                out.append(to_droplet_table(cells, (h, w)))
+        return out
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, np.float32)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise BadArgument("image", f"expected (H, W, 3), got shape {image.shape}")
+    if not np.all(np.isfinite(image)):
+        raise BadArgument("image", "contains NaN or inf")
+    return image
+
+
+def resize(image: np.ndarray, scale: float) -> np.ndarray:
+    """Shrink (scale > 1) or enlarge (scale < 1) an image by `scale` with area averaging."""
+    if scale == 1.0:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w / scale)), max(1, round(h / scale)))
+    channels = [
+        np.asarray(Image.fromarray(image[..., c]).resize(size, Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR))
+        for c in range(image.shape[-1])
+    ]
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def summary(table: dict[str, np.ndarray], shape: tuple[int, int], n_types: int) -> dict:
+    """The per-image JSON: count, radius distribution and composition summary."""
+    r = table["radius"].astype(np.float64)
+    comp = np.stack([table[f"comp_{k}"] for k in range(n_types)], axis=-1).astype(np.float64)
+    n = int(r.size)
+
+    def stats(v):
+        if v.size == 0:
+            return None
+        return float(np.round(v, 4)) if np.ndim(v) == 0 else [round(float(a), 4) for a in v]
+
+    return {
+        "count": n,
+        "image_size": [int(shape[1]), int(shape[0])],
+        "radius_px": {
+            "mean": stats(np.mean(r)) if n else None,
+            "median": stats(np.median(r)) if n else None,
+            "deciles": stats(np.percentile(r, np.arange(10, 100, 10))) if n else None,
+        },
+        "composition": {
+            "mean": stats(comp.mean(axis=0)) if n else None,
+            "std": stats(comp.std(axis=0)) if n else None,
+        },
+    }
+
+
+def collect_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[pathlib.Path], list[AmortizeError]]:
+    """Image files named directly or found (non-recursively) in directories."""
+    files, errors = [], []
+    for item in inputs:
+        path = pathlib.Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in io.IMAGE_SUFFIXES)
+            if not found:
+                errors.append(BadInput(path, "directory holds no PNG, JPEG or TIFF images"))
+            files.extend(found)
+        else:
+            files.append(path)  # read_image reports missing or unreadable files
+    return files, errors
+
+
+def predict_files(
+    inputs: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    predictor: Predictor,
+    threshold: float = 0.5,
+    scale: float | None = None,
+    force: bool = False,
+    progress: bool = True,
+    report=print,
+) -> tuple[int, list[AmortizeError]]:
+    """Predict every image and write its outputs; returns (images done, errors).
+
+    A bad input is reported through `report` (one line) and skipped; the rest still run.
+    """
+    if not 0 < threshold < 1:
+        raise BadArgument("--threshold", f"must be in (0, 1), got {threshold}")
+    out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BadArgument(out, "--out exists and is not a directory")
+    files, errors = collect_images(inputs)
+    for err in errors:
+        report(f"error: {err}")
+    out.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, pathlib.Path] = {}
+    pending: list[tuple[pathlib.Path, list[pathlib.Path], np.ndarray]] = []
+    done = 0
+
+    def fail(path, err):
+        if isinstance(err, BadArgument) and err.subject == "image":
+            err = BadInput(path, err.reason)
+        errors.append(err)
+        report(f"error: {err}")
+
+    def flush():
+        nonlocal done
+        try:
+            tables = predictor.predict_batch([im for _, _, im in pending], threshold, scale)
+        except AmortizeError:  # find the culprit image by image
+            tables = []
+            for path, _, im in pending:
+                try:
+                    tables.append(predictor.predict(im, threshold, scale))
+                except AmortizeError as err:
+                    fail(path, err)
+                    tables.append(None)
+        for (path, targets, image), table in zip(pending, tables):
+            if table is None:
+                continue
+            meta = summary(table, image.shape[:2], predictor.n_types)
+            meta.update({"image": str(path), "checkpoint": predictor.source,
+                         "checkpoint_step": predictor.step, "threshold": threshold,
+                         "scale": scale or 1.0})
+            try:
+                io.write_table(targets[0], table, force=force)
+                io.write_png(targets[1], draw_overlay(image, table), force=force)
+                io.write_json(targets[2], meta, force=force)
+                done += 1
+            except AmortizeError as err:
+                fail(path, err)
+        pending.clear()
+
+    bar = tqdm(files, desc="predict", unit="img", disable=not progress or len(files) < 2, leave=False)
+    for path in bar:
+        try:
+            stem = path.stem
+            if stem in seen:
+                raise BadInput(path, f"same output name as {seen[stem]} (rename one of them)")
+            targets = [out / f"{stem}.csv", out / f"{stem}.overlay.png", out / f"{stem}.json"]
+            if not force:
+                for t in targets:
+                    if t.exists():
+                        raise BadInput(t, "exists (use --force to overwrite)")
+            image = io.read_image(path)
+            seen[stem] = path
+        except AmortizeError as err:
+            fail(path, err)
+            continue
+        if pending and pending[0][2].shape != image.shape:
+            flush()
+        pending.append((path, targets, image))
+        if len(pending) == BATCH:
+            flush()
+    if pending:
+        flush()
+    return done, errors

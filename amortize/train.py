@@ -1,0 +1,348 @@
+"""Simulation-trained encoder: scenes from the prior, rendered inside the jitted step.
+
+One jitted function simulates a batch of scenes (prior sample, render, nuisances), encodes
+them, evaluates the set likelihood and applies one optimiser update, so the input pipeline
+can never starve the step: there is no pipeline. Scene keys are `fold_in(seed key, step)`,
+so a resumed run sees exactly the scenes it would have seen.
+
+A run lives in a workdir:
+
+    config.json      the resolved config (recipe after defaults)
+    checkpoints/     orbax steps holding {params, opt_state, step} and the config
+    logs/            tensorboardX events: losses, gradient norm, learning rate,
+                     preview images with predicted circles, radius histograms
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+import tomllib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from amortize import checkpoint
+from amortize.config import SimulationConfig, _check, from_dict, to_dict
+from amortize.detect import cell_droplets, to_droplet_table
+from amortize.droplets import to_table
+from amortize.encoder import EncoderConfig, encode, init_encoder
+from amortize.errors import AmortizeError, BadArgument, BadInput
+from amortize.losses import batch_set_loss
+from amortize.optics import default_optics_params
+from amortize.overlay import draw_overlay
+from amortize.simulate import simulate_scene
+from amortize.writers import NullWriter, TensorboardWriter, Writer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings.
+
+    Attributes:
+        crop: (H, W) of the simulated training scenes, multiples of 32.
+        batch_size: scenes per step.
+        steps: total optimiser steps.
+        learning_rate: peak learning rate (AdamW, linear warm-up then cosine decay).
+        warmup_steps: linear warm-up length.
+        weight_decay: AdamW decoupled weight decay.
+        grad_clip: global gradient-norm clip.
+        optics_jitter: each scene's droplet contrast is scaled by exp(U(-j, j)), so that the
+            encoder does not lock onto one exact droplet appearance.
+        seed: root PRNG seed (scenes and initial weights).
+        checkpoint_every: steps between checkpoints (a crash loses at most this many).
+        log_every: steps between scalar logs.
+        preview_every: steps between preview images and radius histograms.
+    """
+
+    crop: tuple[int, int] = (192, 192)
+    batch_size: int = 8
+    steps: int = 4000
+    learning_rate: float = 2e-3
+    warmup_steps: int = 200
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    optics_jitter: float = 0.2
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 25
+    preview_every: int = 500
+
+    def __post_init__(self) -> None:
+        h, w = self.crop
+        _check(h % 32 == 0 and w % 32 == 0 and h > 0 and w > 0, "crop", "H and W must be positive multiples of 32")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        _check(self.optics_jitter >= 0, "optics_jitter", "must be >= 0")
+        for name in ("checkpoint_every", "log_every", "preview_every"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+
+    @classmethod
+    def tiny(cls) -> "TrainConfig":
+        return cls(crop=(64, 64), batch_size=2, steps=4, warmup_steps=1, checkpoint_every=2,
+                   log_every=1, preview_every=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole training recipe: what to simulate, which encoder, how to optimise."""
+
+    simulation: SimulationConfig = dataclasses.field(default_factory=SimulationConfig)
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        scene = self.simulation.scene
+        _check(self.encoder.n_types == scene.n_types, "encoder.n_types", f"must equal simulation.scene.n_types ({scene.n_types})")
+        _check(self.encoder.channels == scene.channels, "encoder.channels", f"must equal simulation.scene.channels ({scene.channels})")
+
+    @classmethod
+    def tiny(cls) -> "RunConfig":
+        return cls(SimulationConfig.tiny(), EncoderConfig.tiny(), TrainConfig.tiny())
+
+
+def load_recipe(path: str | pathlib.Path) -> RunConfig:
+    """Parse a TOML recipe ([simulation.*], [encoder], [train] tables; all optional)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise BadInput(path, "recipe not found" if not path.exists() else "recipe must be a file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise BadInput(path, f"not valid TOML ({err})") from None
+    try:
+        return from_dict(RunConfig, data)
+    except BadArgument as err:
+        raise BadInput(path, f"{err.subject}: {err.reason}") from None
+    except TypeError as err:
+        raise BadInput(path, f"bad value ({err})") from None
+
+
+def run_config_from_json(data: dict) -> RunConfig:
+    return from_dict(RunConfig, data)
+
+
+# ---------------------------------------------------------------------------------------
+# The jitted step
+
+
+def _jitter_optics(key: jax.Array, optics_params: dict, jitter: float) -> dict:
+    """Scale the optics' output layer (the colour change) by exp(U(-jitter, jitter))."""
+    if jitter == 0:
+        return optics_params
+    layers = optics_params["params"]
+    last = max((k for k in layers if k.startswith("Dense_")), key=lambda k: int(k[6:]))
+    factor = jnp.exp(jax.random.uniform(key, (), minval=-jitter, maxval=jitter))
+    scaled = jax.tree_util.tree_map(lambda a: a * factor, layers[last])
+    return {"params": {**layers, last: scaled}}
+
+
+def simulate_batch(key: jax.Array, run: RunConfig, optics_params: dict):
+    """(images (B, H, W, C), droplets, backgrounds) for one step. Jittable."""
+    cfg = run.train
+
+    def one(k):
+        k_optics, k_scene = jax.random.split(k)
+        optics = _jitter_optics(k_optics, optics_params, cfg.optics_jitter)
+        image, droplets, background, _ = simulate_scene(k_scene, cfg.crop, run.simulation, optics)
+        return image, droplets, background
+
+    return jax.vmap(one)(jax.random.split(key, cfg.batch_size))
+
+
+def make_optimizer(cfg: TrainConfig):
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * 0.02,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay),
+    )
+    return tx, schedule
+
+
+def init_state(run: RunConfig) -> dict:
+    """Fresh training state {step, params, opt_state}."""
+    key = jax.random.fold_in(jax.random.PRNGKey(run.train.seed), 1)
+    params = init_encoder(key, run.encoder)
+    tx, _ = make_optimizer(run.train)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def make_train_step(run: RunConfig, optics_params: dict):
+    """The jitted step: (state, data key) -> (state, metrics)."""
+    tx, schedule = make_optimizer(run.train)
+    shape = run.train.crop
+
+    def loss_fn(params, images, truth, background):
+        out = encode(params, run.encoder, images)
+        return batch_set_loss(out, truth, background, shape)
+
+    @jax.jit
+    def step(state, data_key):
+        key = jax.random.fold_in(data_key, state["step"])
+        images, truth, background = simulate_batch(key, run, optics_params)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], images, truth, background
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": schedule(state["step"])}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+class NonFinite(AmortizeError):
+    """Training produced NaN or inf; the last good checkpoint is kept."""
+
+
+def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    root = jax.random.PRNGKey(seed)
+    return jax.random.fold_in(root, 2), jax.random.fold_in(root, 3)  # data, preview
+
+
+def make_preview(run: RunConfig, optics_params: dict, key: jax.Array):
+    """A function params -> (overlay of a fixed simulated scene, true radii, predicted radii)."""
+    image, droplets, _, _ = jax.jit(simulate_scene, static_argnums=(1, 2))(
+        key, run.train.crop, run.simulation, optics_params
+    )
+    truth = to_table(droplets, run.train.crop)
+    encode_one = jax.jit(lambda p: cell_droplets(
+        jax.tree_util.tree_map(lambda a: a[0], encode(p, run.encoder, image[None])), 0.5))
+
+    def preview(params):
+        table = to_droplet_table(jax.device_get(encode_one(params)), run.train.crop)
+        return draw_overlay(np.asarray(image), table), truth["radius"], table["radius"]
+
+    return preview
+
+
+def prepare_workdir(workdir: pathlib.Path, run: RunConfig) -> dict:
+    """Create the workdir, or check that an existing one belongs to this recipe."""
+    resolved = to_dict(run)
+    config_file = workdir / "config.json"
+    if workdir.exists() and not workdir.is_dir():
+        raise BadArgument(workdir, "--workdir exists and is not a directory")
+    if config_file.exists():
+        try:
+            saved = json.loads(config_file.read_text())
+        except json.JSONDecodeError:
+            raise BadInput(config_file, "unreadable config.json in the workdir") from None
+        if saved != json.loads(json.dumps(resolved)):
+            raise BadArgument(
+                workdir, "holds a run with a different config; use a new --workdir to start over"
+            )
+    else:
+        from amortize import io
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        io.write_json(config_file, resolved, force=True)
+    return resolved
+
+
+def train(
+    run: RunConfig,
+    workdir: str | pathlib.Path,
+    writer: Writer | None = None,
+    progress: bool = True,
+    optics_params: dict | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Train (or resume) the encoder in `workdir`; returns the final metrics.
+
+    Args:
+        run: the recipe.
+        workdir: where config, checkpoints and logs go; an existing run there is resumed
+            from its latest checkpoint.
+        writer: metric writer (default: tensorboardX under `workdir/logs`).
+        progress: show a progress bar with ETA.
+        optics_params: decoder optics (default: the built-in droplet).
+        stop_after: stop (with a checkpoint) after this many steps in this call; for tests
+            that simulate a crash.
+    """
+    workdir = pathlib.Path(workdir)
+    resolved = prepare_workdir(workdir, run)
+    if optics_params is None:
+        optics_params = default_optics_params(run.simulation.scene.n_types, run.simulation.scene.channels)
+    own_writer = writer is None
+    writer = TensorboardWriter(workdir / "logs") if own_writer else writer
+    mgr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_SUBDIR)
+    cfg = run.train
+    state = init_state(run)
+    latest = mgr.latest_step()
+    if latest is not None:
+        try:
+            state, _ = checkpoint.restore(mgr, latest, "state", target=state)
+        except Exception as err:
+            raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(latest),
+                           f"cannot resume from this checkpoint ({checkpoint._short(err)})") from None
+    start = int(state["step"])
+    step_fn = make_train_step(run, optics_params)
+    data_key, preview_key = _keys(cfg.seed)
+    preview = make_preview(run, optics_params, preview_key)
+    metrics_np: dict[str, float] = {}
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    done_here = 0
+    try:
+        for step in range(start, cfg.steps):
+            state, metrics = step_fn(state, data_key)
+            metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not all(math.isfinite(v) for v in metrics_np.values()):
+                bad = ", ".join(k for k, v in metrics_np.items() if not math.isfinite(v))
+                last = mgr.latest_step()
+                raise NonFinite(
+                    "training", f"non-finite {bad} at step {step + 1}; stopped, last good "
+                    f"checkpoint is step {last} in {workdir}"
+                )
+            done = step + 1
+            done_here += 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                elapsed = time.perf_counter() - t0
+                metrics_np["scenes_per_second"] = done_here * cfg.batch_size / max(elapsed, 1e-9)
+                writer.scalars({f"train/{k}": v for k, v in metrics_np.items()}, done)
+                bar.set_postfix(loss=f"{metrics_np['loss']:.2f}", refresh=False)
+            if done % cfg.preview_every == 0 or done == cfg.steps:
+                overlay, true_r, pred_r = preview(state["params"])
+                writer.image("preview/overlay", overlay, done)
+                writer.histogram("radius/true", true_r, done)
+                writer.histogram("radius/predicted", pred_r, done)
+            stopping = stop_after is not None and done_here >= stop_after
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                checkpoint.save(mgr, done, "state", state, resolved)
+            if stopping:
+                break
+    finally:
+        bar.close()
+        mgr.wait_until_finished()
+        mgr.close()
+        if own_writer:
+            writer.close()
+    metrics_np["step"] = int(state["step"])
+    metrics_np["wall_seconds"] = time.perf_counter() - t0
+    return metrics_np
+
+
+__all__ = [
+    "RunConfig", "TrainConfig", "NonFinite", "load_recipe", "make_train_step", "init_state",
+    "simulate_batch", "train", "NullWriter",
+]

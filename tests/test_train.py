@@ -1,0 +1,114 @@
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from amortize import train as train_mod
+from amortize.checkpoint import load_model
+from amortize.errors import BadArgument, BadInput
+from amortize.optics import default_optics_params
+from amortize.train import NonFinite, RunConfig, init_state, load_recipe, make_train_step, train
+from amortize.writers import NullWriter
+
+RECIPES = pathlib.Path(__file__).resolve().parents[1] / "train"
+
+
+class RecordingWriter(NullWriter):
+    def __init__(self):
+        self.scalar_names, self.images, self.histograms = set(), [], []
+
+    def scalars(self, values, step):
+        self.scalar_names.update(values)
+
+    def image(self, name, image, step):
+        self.images.append((name, np.asarray(image).shape))
+
+    def histogram(self, name, values, step):
+        self.histograms.append(name)
+
+
+def test_recipes_parse():
+    tiny = load_recipe(RECIPES / "tiny.toml")
+    assert tiny.train.crop == (64, 64) and tiny.encoder.widths == (4, 8, 8, 8, 8)
+    default = load_recipe(RECIPES / "default.toml")
+    assert default.simulation.scene.radius_max >= 40
+
+
+def test_recipe_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(BadInput, match="stepz"):
+        load_recipe(bad)
+    bad.write_text("[train\n")
+    with pytest.raises(BadInput, match="TOML"):
+        load_recipe(bad)
+    bad.write_text("[train]\ncrop = [50, 64]\n")
+    with pytest.raises(BadInput, match="multiples of 32"):
+        load_recipe(bad)
+    with pytest.raises(BadInput, match="not found"):
+        load_recipe(tmp_path / "nope.toml")
+
+
+def test_step_is_finite_and_reports_grad_norm():
+    run = RunConfig.tiny()
+    step = make_train_step(run, default_optics_params())
+    state, metrics = step(init_state(run), jax.random.PRNGKey(0))
+    assert int(state["step"]) == 1
+    for name in ("loss", "count", "mixture", "background", "grad_norm", "learning_rate"):
+        assert np.isfinite(float(metrics[name])), name
+    assert float(metrics["grad_norm"]) > 0
+
+
+def test_train_resume_and_logs(tmp_path):
+    run = RunConfig.tiny()
+    writer = RecordingWriter()
+    # "Crash" after 3 of 4 steps: a checkpoint at step 3 is kept.
+    train(run, tmp_path, writer=writer, progress=False, stop_after=3)
+    assert load_model(tmp_path)[2] == 3
+    assert {"train/loss", "train/grad_norm", "train/learning_rate"} <= writer.scalar_names
+    assert writer.images and writer.images[0][1] == (64, 64, 3)
+    assert "radius/predicted" in writer.histograms
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["steps"] == 4
+    # Resuming runs only the remaining step, from the same state.
+    metrics = train(run, tmp_path, writer=NullWriter(), progress=False)
+    assert metrics["step"] == 4
+    params, config, step = load_model(tmp_path)
+    assert step == 4 and config == saved
+
+
+def test_resume_is_reproducible(tmp_path):
+    run = RunConfig.tiny()
+    train(run, tmp_path / "a", writer=NullWriter(), progress=False)
+    train(run, tmp_path / "b", writer=NullWriter(), progress=False, stop_after=1)
+    train(run, tmp_path / "b", writer=NullWriter(), progress=False)
+    pa, pb = load_model(tmp_path / "a")[0], load_model(tmp_path / "b")[0]
+    for a, b in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_workdir_of_another_recipe_is_refused(tmp_path):
+    run = RunConfig.tiny()
+    train(run, tmp_path, writer=NullWriter(), progress=False, stop_after=1)
+    other = RunConfig(run.simulation, run.encoder, train_mod.TrainConfig(crop=(64, 64), steps=9))
+    with pytest.raises(BadArgument, match="different config"):
+        train(other, tmp_path, writer=NullWriter(), progress=False)
+
+
+def test_non_finite_stops_loudly(tmp_path, monkeypatch):
+    real = train_mod.make_train_step
+
+    def poisoned(run, optics):
+        step = real(run, optics)
+
+        def wrapped(state, key):
+            state, metrics = step(state, key)
+            return state, {**metrics, "loss": metrics["loss"] * np.nan}
+
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "make_train_step", poisoned)
+    with pytest.raises(NonFinite, match="non-finite loss at step 1"):
+        train(RunConfig.tiny(), tmp_path, writer=NullWriter(), progress=False)
