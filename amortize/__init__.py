@@ -9,6 +9,7 @@ from amortize.droplets import Background, Droplets, to_table
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.model import droplet_model
 from amortize.optics import default_optics_params
+from amortize.predict import Predictor
 from amortize.render import render
 from amortize.simulate import Simulation, simulate, write_simulation
 
@@ -21,6 +22,7 @@ __all__ = [
     "BadInput",
     "Droplets",
     "NuisanceConfig",
+    "Predictor",
     "RenderConfig",
     "SceneConfig",
     "Simulation",

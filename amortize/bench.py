@@ -122,3 +122,99 @@ def run_render_bench(quick: bool = False) -> list[dict]:
     records.append(_emit(bench_render_memory((1520, 2028), 20000)))
     records.append(_emit(bench_simulate(1000, (128, 128))))
     return records
+
+
+def _predict_image(size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A simulated scene of `size` = (W, H) from the default prior."""
+    from amortize.simulate import simulate
+
+    return simulate(1, size, seed=seed).images[0]
+
+
+def bench_predict_warm(predictor, size: tuple[int, int], repeats: int = 10) -> dict:
+    """Median wall time of `Predictor.predict` (standardise, encode, peaks, table), warm."""
+    image = _predict_image(size)
+    predictor.predict(image)  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        table = predictor.predict(image)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"name": "predict_warm", "shape": list(image.shape), "droplets": int(len(table["x"])),
+            "median_ms": round(float(np.median(times)), 2), "repeats": repeats}
+
+
+def bench_predict_cli(checkpoint: str | None, size: tuple[int, int]) -> list[dict]:
+    """`amortize predict` of one image, process start to exit: cold cache, then warm cache."""
+    from amortize import io
+
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        image_path = f"{tmp}/scene.png"
+        io.write_png(image_path, _predict_image(size))
+        env = {**__import__("os").environ, "AMORTIZE_CACHE_DIR": f"{tmp}/cache"}
+        cmd = [sys.executable, "-m", "amortize.cli", "predict", image_path, "--out", f"{tmp}/out",
+               "--quiet", "--force"]
+        if checkpoint:
+            cmd += ["--checkpoint", str(checkpoint)]
+        for label in ("cold_cache", "warm_cache"):
+            start = time.perf_counter()
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if result.returncode != 0:
+                raise RuntimeError(f"amortize predict failed: {result.stderr.strip()}")
+            records.append({"name": f"predict_cli_{label}", "shape": [size[1], size[0], 3],
+                            "total_s": round(seconds, 2)})
+    return records
+
+
+def run_predict_bench(checkpoint: str | None = None, quick: bool = False) -> list[dict]:
+    """`amortize bench predict`: warm predict times and the cold CLI start-to-exit time."""
+    from amortize.predict import Predictor
+
+    predictor = Predictor.load(checkpoint)
+    records = []
+    if quick:
+        records.append(_emit(bench_predict_warm(predictor, (64, 48), repeats=2)))
+        for r in bench_predict_cli(checkpoint, (64, 48)):
+            records.append(_emit(r))
+        return records
+    records.append(_emit(bench_predict_warm(predictor, (512, 384))))
+    records.append(_emit(bench_predict_warm(predictor, (2028, 1520), repeats=5)))
+    records.append(_emit(bench_predict_warm(predictor, (4096, 4096), repeats=2)))
+    for r in bench_predict_cli(checkpoint, (512, 384)):
+        records.append(_emit(r))
+    return records
+
+
+def run_train_bench(recipe: str | None = None, steps: int = 20, quick: bool = False) -> list[dict]:
+    """`amortize bench train`: scenes per second of the jitted train step (simulation incl.)."""
+    from amortize.train import RunConfig, init_state, load_recipe, make_train_step
+
+    run = RunConfig.tiny() if quick and recipe is None else load_recipe(recipe or _default_recipe())
+    steps = 2 if quick else steps
+    step = make_train_step(run, default_optics_params(run.simulation.scene.n_types,
+                                                      run.simulation.scene.channels))
+    state = init_state(run)
+    key = jax.random.PRNGKey(0)
+    start = time.perf_counter()
+    state, metrics = step(state, key)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, key)
+        float(metrics["loss"])  # the training loop syncs on every step's metrics too
+    seconds = (time.perf_counter() - start) / steps
+    record = {"name": "train_step", "recipe": str(recipe or ("tiny" if quick else _default_recipe())),
+              "crop": list(run.train.crop), "batch_size": run.train.batch_size,
+              "median_ms": round(seconds * 1e3, 1),
+              "scenes_per_second": round(run.train.batch_size / seconds, 2),
+              "first_step_s": round(compile_s, 2)}
+    return [_emit(record)]
+
+
+def _default_recipe() -> str:
+    import pathlib
+
+    return str(pathlib.Path(__file__).resolve().parent.parent / "train" / "default.toml")

@@ -110,6 +110,10 @@ def cmd_bench(args) -> int:
 
     if args.what == "render":
         bench.run_render_bench(quick=args.quick)
+    elif args.what == "predict":
+        bench.run_predict_bench(args.checkpoint, quick=args.quick)
+    elif args.what == "train":
+        bench.run_train_bench(args.config, quick=args.quick)
     return 0
 
 
@@ -159,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="measure speed (prints JSON lines)")
-    bench.add_argument("what", choices=["render"])
+    bench.add_argument("what", choices=["render", "predict", "train"])
     bench.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    bench.add_argument("--checkpoint", help="predict: model to time (default: the shipped one)")
+    bench.add_argument("--config", help="train: recipe to time (default: train/default.toml)")
     bench.set_defaults(run=cmd_bench)
     return parser
 

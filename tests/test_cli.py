@@ -103,3 +103,74 @@ def test_config_file_sets_the_prior_and_bad_toml_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "densty" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+RECIPES = __import__("pathlib").Path(__file__).resolve().parents[1] / "train"
+
+
+def test_train_then_predict_with_the_workdir(tmp_path):
+    work = tmp_path / "run"
+    res = run("train", "--config", str(RECIPES / "tiny.toml"), "--workdir", str(work), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert (work / "config.json").exists() and (work / "checkpoints" / "4").is_dir()
+    assert any((work / "logs").iterdir())  # tensorboard events
+    # A finished run started again does nothing and succeeds.
+    res = run("train", "--config", str(RECIPES / "tiny.toml"), "--workdir", str(work), "--quiet")
+    assert res.returncode == 0, res.stderr
+
+    image = tmp_path / "img.png"
+    io.write_png(image, np.random.default_rng(0).uniform(size=(40, 56, 3)))
+    out = tmp_path / "pred"
+    res = run("predict", str(image), "--out", str(out), "--checkpoint", str(work), "--quiet")
+    assert res.returncode == 0, res.stderr
+    table = io.read_table(out / "img.csv")
+    assert list(table)[:4] == ["x", "y", "radius", "presence"] and "radius_std" in table
+    summary = json.loads((out / "img.json").read_text())
+    assert summary["count"] == len(table["x"]) and summary["image_size"] == [56, 40]
+
+
+def test_predict_bad_inputs_one_line_each_and_exit_1(tmp_path, tiny_model_dir):
+    good = tmp_path / "good.png"
+    io.write_png(good, np.random.default_rng(0).uniform(size=(40, 40, 3)))
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    res = run("predict", str(good), str(tmp_path / "zero.jpg"), str(tmp_path / "missing.tif"),
+              "--out", str(tmp_path / "out"), "--checkpoint", str(tiny_model_dir), "--quiet")
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if "error" in line]
+    assert len(errors) == 2 and "zero.jpg" in errors[0] and "missing.tif" in errors[1]
+    assert "Traceback" not in res.stderr
+    assert (tmp_path / "out" / "good.csv").exists()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "corrupt"])
+def test_predict_bad_checkpoint_is_one_line(tmp_path, make):
+    ckpt = tmp_path / "ckpt"
+    if make != "missing":
+        ckpt.mkdir()
+    if make == "corrupt":
+        (ckpt / "3").mkdir()
+        (ckpt / "3" / "params").write_text("junk")
+        (ckpt / "3" / "config").write_text("junk")
+    image = tmp_path / "a.png"
+    io.write_png(image, np.full((40, 40, 3), 0.5))
+    res = run("predict", str(image), "--out", str(tmp_path / "o"), "--checkpoint", str(ckpt))
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert str(ckpt) in res.stderr
+
+
+def test_predict_bad_threshold_exit_2(tmp_path):
+    res = run("predict", "x.png", "--out", str(tmp_path / "o"), "--threshold", "2")
+    assert res.returncode == 2 and "--threshold" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_predict_and_train_quick(tiny_model_dir):
+    res = run("bench", "predict", "--quick", "--checkpoint", str(tiny_model_dir))
+    assert res.returncode == 0, res.stderr
+    names = [json.loads(line)["name"] for line in res.stdout.splitlines()]
+    assert names == ["predict_warm", "predict_cli_cold_cache", "predict_cli_warm_cache"]
+    res = run("bench", "train", "--quick")
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout.splitlines()[-1])
+    assert record["name"] == "train_step" and record["scenes_per_second"] > 0
