@@ -14,7 +14,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from amortize.errors import BadInput
+from amortize.errors import BadArgument, BadInput
 
 #: Where a training workdir keeps its checkpoints.
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -95,6 +95,37 @@ def save_model(path: str | pathlib.Path, params: Any, config: dict, step: int) -
         save(mgr, step, "params", params, config, wait=True)
     finally:
         mgr.close()
+
+
+def export_model(workdir: str | pathlib.Path, out: str | pathlib.Path, force: bool = False) -> int:
+    """Write the latest parameters of a training run as an inference-only model at `out`.
+
+    The optimiser state is left behind (it triples the size). Returns the exported step.
+    """
+    import shutil
+
+    out = pathlib.Path(out)
+    params, config, step = load_model(workdir)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise BadArgument(out, "exists and is not empty (use --force to replace it)")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp, params, config, step)
+    # Keep what else lives there (the model card) and swap only the checkpoint steps in.
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        if old.is_dir() and old.name.isdigit():
+            shutil.rmtree(old)
+    for new in tmp.iterdir():
+        target = out / new.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        shutil.move(str(new), target)
+    shutil.rmtree(tmp)
+    return step
 
 
 def _short(err: Exception) -> str:

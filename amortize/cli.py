@@ -75,6 +75,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from amortize.checkpoint import export_model
+
+    step = export_model(args.workdir, args.out, force=args.force)
+    print(f"exported step {step} of {args.workdir} to {args.out}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from amortize.predict import Predictor, predict_files
 
@@ -141,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-log", action="store_true", help="no tensorboard logs")
     tr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     tr.set_defaults(run=cmd_train)
+
+    ex = sub.add_parser("export", help="write a training run's latest weights as a model")
+    ex.add_argument("workdir", help="training workdir (or model directory)")
+    ex.add_argument("--out", required=True, help="model directory, e.g. checkpoints/default")
+    ex.add_argument("--force", action="store_true", help="replace the checkpoint there")
+    ex.set_defaults(run=cmd_export)
 
     pr = sub.add_parser("predict", help="find every droplet in images (CSV, overlay, JSON)")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")

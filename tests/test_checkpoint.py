@@ -49,3 +49,23 @@ def test_incomplete(tmp_path):
     shutil.rmtree(tmp_path / "m" / "1" / "config")
     with pytest.raises(BadInput, match="incomplete"):
         load_model(tmp_path / "m")
+
+
+def test_export_keeps_model_card_and_refuses_overwrite(tmp_path):
+    from amortize.checkpoint import export_model, manager, save
+    from amortize.errors import BadArgument
+
+    params = {"params": {"w": np.ones((3,), np.float32)}}
+    mgr = manager(tmp_path / "run" / "checkpoints")
+    state = {"params": params, "opt_state": {"mu": np.zeros((3,), np.float32)}, "step": np.int32(9)}
+    save(mgr, 9, "state", state, {"c": 1}, wait=True)
+    mgr.close()
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "MODEL_CARD.md").write_text("card")
+    with pytest.raises(BadArgument, match="--force"):
+        export_model(tmp_path / "run", out)
+    assert export_model(tmp_path / "run", out, force=True) == 9
+    loaded, config, step = load_model(out)
+    np.testing.assert_array_equal(loaded["params"]["w"], 1.0)
+    assert (out / "MODEL_CARD.md").read_text() == "card" and step == 9

@@ -103,3 +103,17 @@ def test_output_dir_rules(tmp_path):
     blocker.write_text("x")
     with pytest.raises(BadArgument):
         io.prepare_output_dir(blocker / "sub", force=False)
+
+
+def test_outputs_get_umask_permissions_not_private(tmp_path):
+    import os
+    import stat
+
+    from amortize.io import write_bytes
+
+    old = os.umask(0o022)
+    try:
+        write_bytes(tmp_path / "a.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644

@@ -134,3 +134,60 @@ def test_empty_directory(tiny, tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(BadInput, match="not found"):
         Predictor.load(tmp_path / "nothing")
+
+
+# --- The shipped model -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scene():
+    from amortize.simulate import simulate
+
+    sim = simulate(1, (256, 224), seed=4242)
+    return sim.images[0], sim.tables[0]
+
+
+def _pairs(a, b, tol=1.5):
+    from scipy.optimize import linear_sum_assignment
+
+    d = np.hypot(a["x"][:, None] - b["x"][None], a["y"][:, None] - b["y"][None])
+    rows, cols = linear_sum_assignment(np.where(d <= tol, d, 1e6))
+    keep = d[rows, cols] <= tol
+    return rows[keep], cols[keep], d[rows[keep], cols[keep]]
+
+
+def test_default_model_finds_droplets(default_predictor, scene):
+    from amortize.evaluate import match_tables
+
+    image, truth = scene
+    m = match_tables(default_predictor.predict(image), truth, rmin=2.0)
+    assert m.tp > 0.8 * (m.tp + m.fn)  # a sanity floor; the real figures are in the model card
+    assert m.fp < 0.1 * (m.tp + m.fp)
+
+
+def test_shift_moves_predictions_and_nothing_else(default_predictor, scene):
+    image, _ = scene
+    dx, dy = 3, 2
+    a = default_predictor.predict(image[: 224 - 8, : 256 - 8])
+    b = default_predictor.predict(image[dy : 224 - 8 + dy, dx : 256 - 8 + dx])
+    b = {**b, "x": b["x"] + dx, "y": b["y"] + dy}
+
+    def interior(t):
+        keep = (t["x"] > 40) & (t["x"] < 200) & (t["y"] > 40) & (t["y"] < 170)
+        return {k: v[keep] for k, v in t.items()}
+
+    a, b = interior(a), interior(b)
+    rows, cols, dist = _pairs(a, b)
+    n = max(len(a["x"]), len(b["x"]))
+    assert len(rows) >= n - 2  # the same droplets, give or take a borderline one
+    assert np.median(dist) < 0.1
+    np.testing.assert_allclose(a["radius"][rows], b["radius"][cols], rtol=0.1)
+
+
+def test_tiling_has_no_seams(default_predictor, scene):
+    image, _ = scene
+    whole = default_predictor.predict(image)
+    tiled = default_predictor.predict(image, tile_core=64, margin=96, max_untiled=0)
+    rows, cols, dist = _pairs(whole, tiled)
+    assert len(rows) == len(whole["x"]) == len(tiled["x"])  # each droplet found once
+    assert dist.max() < 0.05
