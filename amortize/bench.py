@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortize.config import RenderConfig, SceneConfig
+from amortize.config import SceneConfig
 from amortize.droplets import Background, Droplets
 from amortize.optics import default_optics_params
 from amortize.render import render

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortize.droplets import table_columns
-from amortize.encoder import STRIDE, CellOutputs, cell_centres
+from amortize.encoder import CellOutputs, cell_centres
 
 #: A cell whose own presence reaches this is reported whatever its neighbours.
 CONFIDENT = 0.6
@@ -86,5 +86,3 @@ def to_droplet_table(cells: dict[str, np.ndarray], shape: tuple[int, int], scale
     cols = table_columns(k, with_std=True)
     return {c: np.asarray(table[c], np.float32)[order] for c in cols}
 
-
-__all__ = ["CONFIDENT", "STRIDE", "cell_droplets", "to_droplet_table"]

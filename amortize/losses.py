@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from amortize.droplets import Background, Droplets, illumination_basis
+from amortize.droplets import Background, Droplets
 from amortize.encoder import STRIDE, CellOutputs, cell_centres
 
 #: Standard deviation (image units) that scales the background's squared error.

@@ -15,7 +15,6 @@ found once and where it would be without tiling.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import pathlib
 from typing import Iterable
@@ -85,9 +84,9 @@ def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def tile_starts(n: int, core: int) -> list[int]:
+def tile_starts(n: int, core: int) -> range:
     """Starts of the tile cores along one padded axis of length `n`."""
-    return list(range(0, n, core))
+    return range(0, n, core)
 
 
 @dataclasses.dataclass

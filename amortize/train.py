@@ -21,7 +21,6 @@ import math
 import pathlib
 import time
 import tomllib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ from amortize.losses import batch_set_loss
 from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
 from amortize.simulate import simulate_scene
-from amortize.writers import NullWriter, TensorboardWriter, Writer
+from amortize.writers import TensorboardWriter, Writer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,5 +343,5 @@ def train(
 
 __all__ = [
     "RunConfig", "TrainConfig", "NonFinite", "load_recipe", "make_train_step", "init_state",
-    "simulate_batch", "train", "NullWriter",
+    "simulate_batch", "train",
 ]

@@ -1,10 +1,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from amortize.droplets import Background, Droplets
-from amortize.encoder import STRIDE, CellOutputs
+from amortize.encoder import CellOutputs
 from amortize.losses import background_at, batch_set_loss, set_loss
 
 GRID = (8, 8)
