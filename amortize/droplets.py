@@ -91,13 +91,21 @@ class Background:
 N_ILLUMINATION = 5
 
 
+def illumination_at(xx, yy, shape: tuple[int, int]) -> jnp.ndarray:
+    """The basis phi_k at pixel coordinates xx, yy of an (H, W) image, shape (..., 5)."""
+    h, w = shape
+    xx, yy = jnp.asarray(xx, jnp.float32), jnp.asarray(yy, jnp.float32)
+    # A one-pixel-wide axis sits at the centre of the field.
+    u = -1.0 + 2.0 * xx / (w - 1) if w > 1 else jnp.zeros_like(xx)
+    v = -1.0 + 2.0 * yy / (h - 1) if h > 1 else jnp.zeros_like(yy)
+    return jnp.stack([u, v, u**2 - 1 / 3, u * v, v**2 - 1 / 3], axis=-1)
+
+
 def illumination_basis(shape: tuple[int, int]) -> jnp.ndarray:
     """The basis phi_k over the pixel grid, shape (H, W, 5)."""
     h, w = shape
-    v = jnp.linspace(-1.0, 1.0, h) if h > 1 else jnp.zeros((1,))
-    u = jnp.linspace(-1.0, 1.0, w) if w > 1 else jnp.zeros((1,))
-    vv, uu = jnp.meshgrid(v, u, indexing="ij")
-    return jnp.stack([uu, vv, uu**2 - 1 / 3, uu * vv, vv**2 - 1 / 3], axis=-1)
+    yy, xx = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+    return illumination_at(xx, yy, shape)
 
 
 def background_logits(background: Background, shape: tuple[int, int]) -> jnp.ndarray:

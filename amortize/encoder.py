@@ -35,6 +35,9 @@ ALIGN = 32
 #: Offsets are bounded to +-OFFSET_REACH cells around the cell centre, so that a droplet on a
 #: cell border can be claimed by either neighbour.
 OFFSET_REACH = 1.0
+#: Added to the image's standard deviation when standardising, so that a blank frame does
+#: not blow its noise up to unit variance.
+STD_FLOOR = 0.02
 #: Smallest scale of any Gaussian head (keeps the set likelihood bounded).
 MIN_SCALE = {"offset": 0.02, "log_radius": 0.005, "composition": 0.01}
 
@@ -170,7 +173,7 @@ def standardise(image: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     microscopes far more than the droplets' shapes do.
     """
     mean = jnp.mean(image, axis=(-3, -2))
-    std = jnp.std(image, axis=(-3, -2)) + 0.02
+    std = jnp.std(image, axis=(-3, -2)) + STD_FLOOR
     z = (image - mean[..., None, None, :]) / std[..., None, None, :]
     return z, jnp.stack([mean, std], axis=-2)
 

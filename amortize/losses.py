@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from amortize.droplets import Background, Droplets
+from amortize.droplets import Background, Droplets, illumination_at
 from amortize.encoder import STRIDE, CellOutputs, cell_centres
 
 #: Standard deviation (image units) that scales the background's squared error.
@@ -46,13 +46,9 @@ def cell_mask(grid: tuple[int, int], shape: tuple[int, int]) -> jnp.ndarray:
 
 def background_at(background: Background, shape: tuple[int, int], xx, yy) -> jnp.ndarray:
     """True background colour (..., C) at pixel coordinates xx, yy of an image of `shape`."""
-    h, w = shape
-    u = -1.0 + 2.0 * xx / max(w - 1, 1)
-    v = -1.0 + 2.0 * yy / max(h - 1, 1)
-    basis = jnp.stack([u, v, u**2 - 1 / 3, u * v, v**2 - 1 / 3], axis=-1)
     colour = jnp.clip(background.colour, 1e-4, 1 - 1e-4)
-    logits = jnp.log(colour) - jnp.log1p(-colour) + basis @ background.illumination.T
-    return jax.nn.sigmoid(logits)
+    field = illumination_at(xx, yy, shape) @ background.illumination.T
+    return jax.nn.sigmoid(jnp.log(colour) - jnp.log1p(-colour) + field)
 
 
 def set_loss(

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
 from amortize.detect import cell_droplets, to_droplet_table
-from amortize.encoder import ALIGN, STRIDE, Encoder, decode_outputs
+from amortize.encoder import ALIGN, STD_FLOOR, STRIDE, Encoder, decode_outputs
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.overlay import draw_overlay
 
@@ -70,7 +70,7 @@ def standardise_np(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     and the compiled program depends only on the padded shape.
     """
     mean = image.mean(axis=(0, 1), dtype=np.float64)
-    std = image.std(axis=(0, 1), dtype=np.float64) + 0.02
+    std = image.std(axis=(0, 1), dtype=np.float64) + STD_FLOOR
     z = ((image - mean) / std).astype(np.float32)
     return z, np.stack([mean, std]).astype(np.float32)
 
