@@ -124,7 +124,7 @@ class Encoder(nn.Module):
         up = _block(_upsample(_block(up, w8)), w4) + x4
         for _ in range(self.config.head_depth):
             up = _block(up, self.config.head_width)
-        # Presence starts near the prior rate of a droplet per cell, not at 0.5.
+        # Small initial weights: every head starts near its offset in `decode_outputs`.
         head = nn.Conv(
             self.config.n_outputs,
             (1, 1),
@@ -138,6 +138,7 @@ def _upsample(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
 
 
+#: Presence starts near the prior rate of a droplet per cell (about 2 %), not at 0.5.
 PRESENCE_BIAS = -4.0
 
 

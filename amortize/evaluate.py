@@ -149,20 +149,3 @@ def evaluate_dirs(pred_dir, truth_dir, rmin: float = 0.0) -> tuple[dict, list[Am
     metrics["rmin"] = rmin
     return metrics, errors
 
-
-def evaluate_on_simulation(
-    predictor, n: int = 20, size: tuple[int, int] = (512, 384), seed: int = 12345,
-    rmin: float = 2.0, config=None, threshold: float = 0.5,
-) -> dict:
-    """Held-out check: simulate `n` scenes (default prior unless `config`), predict, match.
-
-    The default seed is one that no training recipe uses for its scenes.
-    """
-    from amortize.simulate import iter_simulation
-
-    matches = []
-    for _, image, truth, _, _ in iter_simulation(n, size, seed, config):
-        matches.append(match_tables(predictor.predict(image, threshold), truth, rmin))
-    metrics = summarise(matches)
-    metrics.update({"rmin": rmin, "seed": seed, "size": list(size)})
-    return metrics

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
+from amortize.config import from_dict
 from amortize.detect import cell_droplets, to_droplet_table
 from amortize.encoder import ALIGN, STD_FLOOR, STRIDE, Encoder, decode_outputs
 from amortize.errors import AmortizeError, BadArgument, BadInput
@@ -106,9 +107,9 @@ class Predictor:
     source: str = ""
 
     def __post_init__(self) -> None:
-        from amortize.train import run_config_from_json  # train imports the simulator
+        from amortize.train import RunConfig  # train imports the simulator
 
-        self.run = run_config_from_json(self.config)
+        self.run = from_dict(RunConfig, self.config)
         self.params = jax.tree_util.tree_map(jnp.asarray, self.params)
         encoder = Encoder(self.run.encoder)
         self._encode = jax.jit(lambda p, z: encoder.apply(p, z))

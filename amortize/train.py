@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from amortize import checkpoint
+from amortize import checkpoint, io
 from amortize.config import SimulationConfig, _check, from_dict, to_dict
 from amortize.detect import cell_droplets, to_droplet_table
 from amortize.droplets import to_table
@@ -125,10 +125,6 @@ def load_recipe(path: str | pathlib.Path) -> RunConfig:
         raise BadInput(path, f"{err.subject}: {err.reason}") from None
     except TypeError as err:
         raise BadInput(path, f"bad value ({err})") from None
-
-
-def run_config_from_json(data: dict) -> RunConfig:
-    return from_dict(RunConfig, data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,8 +245,6 @@ def prepare_workdir(workdir: pathlib.Path, run: RunConfig) -> dict:
                 workdir, "holds a run with a different config; use a new --workdir to start over"
             )
     else:
-        from amortize import io
-
         workdir.mkdir(parents=True, exist_ok=True)
         io.write_json(config_file, resolved, force=True)
     return resolved
