@@ -2,8 +2,10 @@
 resolved config as JSON.
 
 A training run saves its whole state (parameters, optimiser state, step) under the item
-`state`; a shipped model (`checkpoints/default/`) saves only the parameters under `params`.
-`load_model` reads either, so a training workdir can be used for prediction directly.
+`state`; a shipped model (`checkpoints/default/`) saves only the parameters under `params`:
+the encoder's flax variables, plus a `decoder` collection (optics and pixel noise) when the
+model was adapted to real images. `load_model` reads either, so a training workdir can be
+used for prediction directly.
 """
 
 from __future__ import annotations
@@ -84,8 +86,17 @@ def load_model(path: str | pathlib.Path) -> tuple[dict, dict, int]:
         raise BadInput(directory / str(step), f"corrupt checkpoint ({_short(err)})") from None
     finally:
         mgr.close()
-    params = tree["params"] if item == "state" else tree
+    params = tree if item == "params" else _model_of_state(tree)
     return params, config, int(step)
+
+
+def _model_of_state(state: dict) -> dict:
+    """What predict needs of a training state: the encoder variables, plus the learned
+    decoder (an extra `decoder` collection) when the run learned one (wake-sleep)."""
+    params = dict(state["params"])
+    if "decoder" in state:
+        params["decoder"] = state["decoder"]
+    return params
 
 
 def save_model(path: str | pathlib.Path, params: Any, config: dict, step: int) -> None:

@@ -67,12 +67,39 @@ def cmd_train(args) -> int:
     from amortize.train import load_recipe, train
     from amortize.writers import NullWriter
 
-    run = load_recipe(args.config)
-    metrics = train(run, args.workdir, writer=NullWriter() if args.no_log else None,
-                    progress=not args.quiet)
+    writer = NullWriter() if args.no_log else None
+    if args.data is not None:
+        metrics = _adapt(args, writer)
+    else:
+        if args.init is not None:
+            raise BadArgument("--init", "only applies with --data (adapting to real images)")
+        metrics = train(load_recipe(args.config), args.workdir, writer=writer, progress=not args.quiet)
     if not args.quiet:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
     return 0
+
+
+def _adapt(args, writer) -> dict:
+    import warnings
+
+    from amortize.adapt import adapt, load_adapt_recipe
+    from amortize.corpus import load_corpus
+    from amortize.predict import Predictor
+
+    init = Predictor.load(args.init)
+    run = load_adapt_recipe(args.config, init.run.encoder)
+
+    def warn(line):
+        print(f"amortize train: warning: {line}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        corpus = load_corpus(args.data, run.wake.crop, warn=warn)
+    if corpus.skipped and not args.quiet:
+        print(f"using {len(corpus.images)} image(s) of {args.data}; skipped {len(corpus.skipped)}",
+              file=sys.stderr)
+    return adapt(run, corpus, args.workdir, init.params, init.optics, writer=writer,
+                 progress=not args.quiet)
 
 
 def cmd_export(args) -> int:
@@ -84,8 +111,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from amortize.detect import DEFAULT_THRESHOLD
     from amortize.predict import Predictor, predict_files
 
+    if args.threshold is None:
+        args.threshold = DEFAULT_THRESHOLD
     if not 0 < args.threshold < 1:
         raise BadArgument("--threshold", f"must be in (0, 1), got {args.threshold}")
     if args.scale is not None and not args.scale > 0:
@@ -95,6 +125,7 @@ def cmd_predict(args) -> int:
         args.inputs, args.out, predictor, threshold=args.threshold, scale=args.scale,
         force=args.force, progress=not args.quiet,
         report=lambda line: print(f"amortize predict: {line}", file=sys.stderr),
+        reconstruction=args.reconstruction,
     )
     if not args.quiet:
         print(f"predicted {done} image(s) into {args.out}" + (f"; {len(errors)} failed" if errors else ""))
@@ -142,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     sim.set_defaults(run=cmd_simulate)
 
-    tr = sub.add_parser("train", help="train the encoder on simulated scenes (resumes)")
-    tr.add_argument("--config", required=True, help="TOML recipe, e.g. train/default.toml")
+    tr = sub.add_parser("train", help="train on simulated scenes, or adapt to a folder of "
+                        "real images with --data (resumes)")
+    tr.add_argument("--config", required=True,
+                    help="TOML recipe, e.g. train/default.toml or train/adapt_droplets.toml")
+    tr.add_argument("--data", help="folder of unlabeled images: wake-sleep adaptation")
+    tr.add_argument("--init", help="with --data: model to start from (default: checkpoints/default)")
     tr.add_argument("--workdir", required=True,
                     help="run directory: config, checkpoints, logs; an existing run resumes")
     tr.add_argument("--no-log", action="store_true", help="no tensorboard logs")
@@ -161,10 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory")
     pr.add_argument("--checkpoint", help="model directory or training workdir "
                     "(default: checkpoints/default)")
-    pr.add_argument("--threshold", type=float, default=0.5, help="presence to report (0-1)")
+    pr.add_argument("--threshold", type=float,
+                    help="presence to report (0-1; default: amortize.detect.DEFAULT_THRESHOLD, 0.4)")
     pr.add_argument("--scale", type=float,
                     help="input px per encoder px; the default model covers radii 1.5-40 px "
                     "at 1, use 2 for 3-80 px")
+    pr.add_argument("--reconstruction", action="store_true",
+                    help="also write <stem>.recon.png, <stem>.residual.png and recon_rmse")
     pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
     pr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     pr.set_defaults(run=cmd_predict)

@@ -13,7 +13,7 @@ from flax import struct
 
 @struct.dataclass
 class Droplets:
-    """N droplet slots; a slot is drawn in proportion to its presence (0 = empty slot).
+    """N droplet slots; a slot with presence >= 0.5 is drawn with opacity = its presence.
 
     Attributes:
         x, y: centre, shape (..., N), px.

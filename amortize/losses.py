@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from amortize.droplets import Background, Droplets, illumination_at
-from amortize.encoder import STRIDE, CellOutputs, cell_centres
+from amortize.encoder import CellOutputs, cell_centres
 
 #: Standard deviation (image units) that scales the background's squared error.
 BACKGROUND_SCALE = 0.05
@@ -38,9 +38,9 @@ def inside_image(x, y, shape: tuple[int, int]) -> jnp.ndarray:
     return (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
 
 
-def cell_mask(grid: tuple[int, int], shape: tuple[int, int]) -> jnp.ndarray:
+def cell_mask(grid: tuple[int, int], stride: int, shape: tuple[int, int]) -> jnp.ndarray:
     """(Hc, Wc) True for cells whose centre lies inside an image of `shape`."""
-    xx, yy = cell_centres(grid)
+    xx, yy = cell_centres(grid, stride)
     return inside_image(xx, yy, shape)
 
 
@@ -66,8 +66,8 @@ def set_loss(
         (loss, parts) where parts holds the count, mixture and background terms and the
         number of true droplets.
     """
-    grid = out.logit.shape
-    valid = cell_mask(grid, shape)
+    grid, stride = out.logit.shape, out.stride
+    valid = cell_mask(grid, stride, shape)
     log_p = jnp.where(valid, jax.nn.log_sigmoid(out.logit), MASKED)
     p = jnp.exp(log_p)
     mean_count = jnp.sum(p)
@@ -77,16 +77,16 @@ def set_loss(
     count = -_normal_logpdf(n_true, mean_count, jnp.sqrt(var_count))
 
     # The 3 x 3 window of cells around each true droplet's own cell.
-    ci = jnp.floor((truth.y + 0.5) / STRIDE).astype(jnp.int32)
-    cj = jnp.floor((truth.x + 0.5) / STRIDE).astype(jnp.int32)
+    ci = jnp.floor((truth.y + 0.5) / stride).astype(jnp.int32)
+    cj = jnp.floor((truth.x + 0.5) / stride).astype(jnp.int32)
     di, dj = jnp.meshgrid(jnp.arange(-1, 2), jnp.arange(-1, 2), indexing="ij")
     wi = ci[:, None] + di.reshape(-1)[None, :]  # (N, 9)
     wj = cj[:, None] + dj.reshape(-1)[None, :]
     in_grid = (wi >= 0) & (wi < grid[0]) & (wj >= 0) & (wj < grid[1])
     wi, wj = jnp.clip(wi, 0, grid[0] - 1), jnp.clip(wj, 0, grid[1] - 1)
 
-    centre_x = (wj.astype(jnp.float32) + 0.5) * STRIDE - 0.5
-    centre_y = (wi.astype(jnp.float32) + 0.5) * STRIDE - 0.5
+    centre_x = (wj.astype(jnp.float32) + 0.5) * stride - 0.5
+    centre_y = (wi.astype(jnp.float32) + 0.5) * stride - 0.5
     offset = out.offset[wi, wj]
     offset_scale = out.offset_scale[wi, wj]
     comp = out.composition[wi, wj]
@@ -103,7 +103,7 @@ def set_loss(
     per_droplet = jax.nn.logsumexp(log_w + log_lik, axis=-1) - jnp.log(mean_count + 1e-8)
     mixture = -jnp.sum(jnp.where(is_true, per_droplet, 0.0))
 
-    xx, yy = cell_centres(grid)
+    xx, yy = cell_centres(grid, stride)
     bg_true = background_at(background, shape, xx, yy)
     bg_err = jnp.sum(((out.background - bg_true) / BACKGROUND_SCALE) ** 2, axis=-1)
     bg = 0.5 * jnp.sum(jnp.where(valid, bg_err, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

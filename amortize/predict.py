@@ -27,11 +27,17 @@ from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
 from amortize.config import from_dict
-from amortize.detect import cell_droplets, to_droplet_table
-from amortize.encoder import ALIGN, STD_FLOOR, STRIDE, Encoder, decode_outputs
+from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
+from amortize.droplets import Background
+from amortize.encoder import ALIGN, STD_FLOOR, Encoder, decode_outputs
 from amortize.errors import AmortizeError, BadArgument, BadInput
+from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
+from amortize.reconstruct import render_table, rmse
+from amortize.wake import fit_background
 
+#: The tables of a checkpoint's config that describe the encoder and its simulation prior.
+RUN_TABLES = ("simulation", "encoder", "train")
 #: The shipped model.
 DEFAULT_CHECKPOINT = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "default"
 #: Padded frames above this many pixels are tiled (bounds peak memory to a few GB).
@@ -109,13 +115,16 @@ class Predictor:
     def __post_init__(self) -> None:
         from amortize.train import RunConfig  # train imports the simulator
 
-        self.run = from_dict(RunConfig, self.config)
-        self.params = jax.tree_util.tree_map(jnp.asarray, self.params)
+        # An adaptation run's config also holds its [wake] and [adapt] tables.
+        self.run = from_dict(RunConfig, {k: v for k, v in self.config.items() if k in RUN_TABLES})
+        params = jax.tree_util.tree_map(jnp.asarray, dict(self.params))
+        self.decoder = params.pop("decoder", None)
+        self.params = params
         encoder = Encoder(self.run.encoder)
         self._encode = jax.jit(lambda p, z: encoder.apply(p, z))
-        k = self.run.encoder.n_types
+        k, stride = self.run.encoder.n_types, self.run.encoder.stride
         self._detect = jax.jit(
-            lambda raw, stats, threshold: cell_droplets(decode_outputs(raw, stats, k), threshold)
+            lambda raw, stats, threshold: cell_droplets(decode_outputs(raw, stats, k, stride), threshold)
         )
 
     @classmethod
@@ -138,7 +147,8 @@ class Predictor:
         h, w = z.shape[:2]
         if h * w <= max_untiled:
             return np.asarray(self._encode(self.params, z[None]))[0]
-        cells = np.zeros((h // STRIDE, w // STRIDE, self.run.encoder.n_outputs), np.float32)
+        s = self.run.encoder.stride
+        cells = np.zeros((h // s, w // s, self.run.encoder.n_outputs), np.float32)
         # Every window has the same shape (one compiled program) and lies inside the frame:
         # it is the tile core plus `margin` of context, slid inwards at the frame's edges,
         # so a cell sees the frame's true border exactly as the untiled encoder does.
@@ -149,12 +159,12 @@ class Predictor:
                 wx = min(max(x0 - margin, 0), w - side_x)
                 raw = np.asarray(self._encode(self.params, z[None, wy : wy + side_y, wx : wx + side_x]))[0]
                 y1, x1 = min(y0 + tile_core, h), min(x0 + tile_core, w)
-                cells[y0 // STRIDE : y1 // STRIDE, x0 // STRIDE : x1 // STRIDE] = raw[
-                    (y0 - wy) // STRIDE : (y1 - wy) // STRIDE, (x0 - wx) // STRIDE : (x1 - wx) // STRIDE
+                cells[y0 // s : y1 // s, x0 // s : x1 // s] = raw[
+                    (y0 - wy) // s : (y1 - wy) // s, (x0 - wx) // s : (x1 - wx) // s
                 ]
         return cells
 
-    def predict(self, image: np.ndarray, threshold: float = 0.5, scale: float | None = None,
+    def predict(self, image: np.ndarray, threshold: float = DEFAULT_THRESHOLD, scale: float | None = None,
                 **tiling) -> dict[str, np.ndarray]:
         """Droplets of one image.
 
@@ -184,7 +194,42 @@ class Predictor:
         cells = jax.device_get(self._detect(raw, stats, jnp.float32(threshold)))
         return to_droplet_table(cells, (h, w), scale)
 
-    def predict_batch(self, images: list[np.ndarray], threshold: float = 0.5,
+    @property
+    def optics(self) -> dict:
+        """The decoder's optics: learned by adaptation, else the built-in droplet."""
+        if self.decoder is not None:
+            return self.decoder["optics"]
+        scene = self.run.simulation.scene
+        return default_optics_params(scene.n_types, scene.channels)
+
+    def reconstruct(self, image: np.ndarray, table: dict[str, np.ndarray],
+                    scale: float | None = None) -> np.ndarray:
+        """The decoder's rendering (H, W, 3) of `table` (from `predict` with the same
+        `scale`) over the background the encoder sees in `image`."""
+        image = check_image(image)
+        scale = 1.0 if scale is None else float(scale)
+        work = resize(image, scale)
+        h, w = work.shape[:2]
+        z, stats = standardise_np(work)
+        raw = self.raw_cells(_pad(z, (aligned(h), aligned(w))))
+        out = decode_outputs(jnp.asarray(raw)[None], jnp.asarray(stats)[None],
+                             self.n_types, self.run.encoder.stride)
+        background = fit_background(out, (h, w))
+        background = Background(background.colour[0], background.illumination[0])
+
+        def to_work(v):
+            return (np.asarray(v) + 0.5) / scale - 0.5
+
+        work_table = {**table, "x": to_work(table["x"]), "y": to_work(table["y"]),
+                      "radius": np.asarray(table["radius"]) / scale}
+        recon = render_table(work_table, background, self.optics, (h, w),
+                             self.run.simulation.render, self.n_types)
+        if scale != 1.0:
+            recon = resize(recon, (h / image.shape[0] + w / image.shape[1]) / 2)
+            recon = recon[: image.shape[0], : image.shape[1]]
+        return recon
+
+    def predict_batch(self, images: list[np.ndarray], threshold: float = DEFAULT_THRESHOLD,
                       scale: float | None = None) -> list[dict[str, np.ndarray]]:
         """`predict` for several images; same-size frames share one encoder call.
 
@@ -286,14 +331,17 @@ def predict_files(
     inputs: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
     predictor: Predictor,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     scale: float | None = None,
     force: bool = False,
     progress: bool = True,
     report=print,
+    reconstruction: bool = False,
 ) -> tuple[int, list[AmortizeError]]:
     """Predict every image and write its outputs; returns (images done, errors).
 
+    With `reconstruction`, also `<stem>.recon.png` (the decoder's rendering of the droplets
+    found), `<stem>.residual.png` (0.5 + image - reconstruction) and `recon_rmse` in the JSON.
     A bad input is reported through `report` (one line) and skipped; the rest still run.
     """
     if not 0 < threshold < 1:
@@ -335,6 +383,11 @@ def predict_files(
                          "checkpoint_step": predictor.step, "threshold": threshold,
                          "scale": scale or 1.0})
             try:
+                if reconstruction:
+                    recon = predictor.reconstruct(image, table, scale)
+                    meta["recon_rmse"] = round(rmse(image, recon), 6)
+                    io.write_png(targets[3], recon, force=force)
+                    io.write_png(targets[4], np.clip(0.5 + image - recon, 0.0, 1.0), force=force)
                 io.write_table(targets[0], table, force=force)
                 io.write_png(targets[1], draw_overlay(image, table), force=force)
                 io.write_json(targets[2], meta, force=force)
@@ -350,6 +403,8 @@ def predict_files(
             if stem in seen:
                 raise BadInput(path, f"same output name as {seen[stem]} (rename one of them)")
             targets = [out / f"{stem}.csv", out / f"{stem}.overlay.png", out / f"{stem}.json"]
+            if reconstruction:
+                targets += [out / f"{stem}.recon.png", out / f"{stem}.residual.png"]
             if not force:
                 for t in targets:
                     if t.exists():

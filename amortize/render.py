@@ -30,6 +30,13 @@ from amortize.droplets import Background, Droplets, background_logits
 from amortize.optics import apply_optics, optics_features
 
 
+#: Slots with a lower presence are not drawn at all. Drawn slots take part in the nearest-
+#: droplet choice, so a mostly absent slot (a relaxed presence of 0.01, say, in SVI or the wake
+#: ELBO) would otherwise win the pixels around its centre and hide the droplet under it.
+#: Presence is 0 or 1 in simulated scenes, where this changes nothing.
+DRAWN_PRESENCE = 0.5
+
+
 class GridLayout:
     """Static geometry of the tile grid and of the padded cell grids of every level.
 
@@ -95,7 +102,7 @@ def _cell_keys(
     # Pixel i spans [i - 0.5, i + 0.5), so cell j of side s starts at j * s - 0.5.
     cx = jnp.floor((x + 0.5) / side).astype(jnp.int32) + 1
     cy = jnp.floor((y + 0.5) / side).astype(jnp.int32) + 1
-    ok = (droplets.presence > 0) & (cx >= 0) & (cx < nx) & (cy >= 0) & (cy < ny)
+    ok = (droplets.presence >= DRAWN_PRESENCE) & (cx >= 0) & (cx < nx) & (cy >= 0) & (cy < ny)
     ok &= jnp.isfinite(x) & jnp.isfinite(y) & (r > 0)
     key = jnp.where(ok, jnp.asarray(layout.offsets)[level] + cy * nx + cx, layout.n_rows)
     return key, ok
@@ -104,7 +111,7 @@ def _cell_keys(
 def bin_droplets(droplets: Droplets, layout: GridLayout, config: RenderConfig) -> jnp.ndarray:
     """Cell table: (n_rows, cell_capacity) droplet indices, -1 for empty places.
 
-    Absent slots (presence <= 0) and droplets too far outside the image are left out; a
+    Absent slots (presence < DRAWN_PRESENCE) and droplets too far outside the image are left out; a
     cell holding more than `cell_capacity` droplets keeps an arbitrary subset of them.
     """
     key, _ = _cell_keys(droplets, layout, config)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
 from amortize.config import SimulationConfig, _check, from_dict, to_dict
-from amortize.detect import cell_droplets, to_droplet_table
+from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.droplets import to_table
 from amortize.encoder import EncoderConfig, encode, init_encoder
 from amortize.errors import AmortizeError, BadArgument, BadInput
@@ -175,9 +175,14 @@ def init_state(run: RunConfig) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def make_train_step(run: RunConfig, optics_params: dict):
-    """The jitted step: (state, data key) -> (state, metrics)."""
-    tx, schedule = make_optimizer(run.train)
+def make_train_step(run: RunConfig, optics_params: dict, tx=None):
+    """The jitted step: (state, data key) -> (state, metrics).
+
+    `tx` replaces the recipe's optimiser (the sleep phases of wake-sleep use a constant step).
+    """
+    schedule = None
+    if tx is None:
+        tx, schedule = make_optimizer(run.train)
     shape = run.train.crop
 
     def loss_fn(params, images, truth, background):
@@ -193,8 +198,9 @@ def make_train_step(run: RunConfig, optics_params: dict):
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state["step"])}
+        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state["step"])
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return step
@@ -220,7 +226,7 @@ def make_preview(run: RunConfig, optics_params: dict, key: jax.Array):
     )
     truth = to_table(droplets, run.train.crop)
     encode_one = jax.jit(lambda p: cell_droplets(
-        jax.tree_util.tree_map(lambda a: a[0], encode(p, run.encoder, image[None])), 0.5))
+        jax.tree_util.tree_map(lambda a: a[0], encode(p, run.encoder, image[None])), DEFAULT_THRESHOLD))
 
     def preview(params):
         table = to_droplet_table(jax.device_get(encode_one(params)), run.train.crop)

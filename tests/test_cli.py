@@ -172,5 +172,43 @@ def test_bench_predict_and_train_quick(tiny_model_dir):
     assert names == ["predict_warm", "predict_cli_cold_cache", "predict_cli_warm_cache"]
     res = run("bench", "train", "--quick")
     assert res.returncode == 0, res.stderr
-    record = json.loads(res.stdout.splitlines()[-1])
-    assert record["name"] == "train_step" and record["scenes_per_second"] > 0
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["name"] for r in records] == ["train_step", "wake_step"]
+    assert records[0]["scenes_per_second"] > 0 and records[1]["crops_per_second"] > 0
+
+
+def test_train_with_data_adapts_and_predict_writes_reconstructions(tmp_path, tiny_model_dir, tiny_sim):
+    from amortize.simulate import simulate
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for i, image in enumerate(simulate(2, (80, 72), seed=2, config=tiny_sim).images):
+        io.write_png(data / f"img{i}.png", image)
+    (data / "broken.png").write_bytes(b"")
+    work = tmp_path / "adapt"
+    res = run("train", "--config", str(RECIPES / "adapt_tiny.toml"), "--data", str(data),
+              "--workdir", str(work), "--init", str(tiny_model_dir), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "broken.png: skipped, empty file" in res.stderr
+    assert (work / "checkpoints" / "4").is_dir()
+
+    out = tmp_path / "pred"
+    res = run("predict", str(data / "img0.png"), "--out", str(out), "--checkpoint", str(work),
+              "--reconstruction", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert (out / "img0.recon.png").exists() and (out / "img0.residual.png").exists()
+    summary = json.loads((out / "img0.json").read_text())
+    assert 0 <= summary["recon_rmse"] < 1
+
+
+@pytest.mark.parametrize("extra, words, code", [
+    (["--data", "EMPTY"], "no PNG, JPEG or TIFF", 1),
+    (["--init", "checkpoints/default"], "--init: only applies with --data", 2),
+])
+def test_train_bad_corpus_or_init_is_one_line(tmp_path, extra, words, code):
+    (tmp_path / "empty").mkdir()
+    extra = [str(tmp_path / "empty") if a == "EMPTY" else a for a in extra]
+    res = run("train", "--config", str(RECIPES / "adapt_tiny.toml"), *extra,
+              "--workdir", str(tmp_path / "w"), "--quiet")
+    assert res.returncode == code, res.stderr
+    assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1

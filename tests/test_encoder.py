@@ -1,18 +1,20 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from amortize.encoder import (
-    ALIGN, OFFSET_REACH, STRIDE, EncoderConfig, cell_centres, encode, init_encoder,
+    ALIGN, OFFSET_REACH, EncoderConfig, cell_centres, encode, init_encoder,
     pad_to_align, standardise,
 )
 from amortize.errors import BadArgument
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = EncoderConfig.tiny()
+@pytest.fixture(scope="module", params=[4, 2], ids=["stride4", "stride2"])
+def tiny(request):
+    cfg = dataclasses.replace(EncoderConfig.tiny(), stride=request.param)
     return cfg, init_encoder(jax.random.PRNGKey(0), cfg)
 
 
@@ -21,7 +23,9 @@ def test_output_grid_covers_padded_image(tiny, h, w):
     cfg, params = tiny
     image = jax.random.uniform(jax.random.PRNGKey(1), (2, h, w, 3))
     out = encode(params, cfg, image)
-    hc, wc = -(-h // ALIGN) * ALIGN // STRIDE, -(-w // ALIGN) * ALIGN // STRIDE
+    s = cfg.stride
+    hc, wc = -(-h // ALIGN) * ALIGN // s, -(-w // ALIGN) * ALIGN // s
+    assert out.stride == s
     assert out.logit.shape == (2, hc, wc)
     assert out.offset.shape == (2, hc, wc, 2)
     assert out.composition.shape == (2, hc, wc, cfg.n_types)
@@ -33,7 +37,7 @@ def test_heads_are_bounded_and_positive(tiny):
     # Big random weights push every head to its limits.
     wild = jax.tree_util.tree_map(lambda a: a * 50.0, params)
     out = encode(wild, cfg, jax.random.uniform(jax.random.PRNGKey(2), (1, 64, 64, 3)))
-    assert np.all(np.abs(out.offset) <= OFFSET_REACH * STRIDE + 1e-5)
+    assert np.all(np.abs(out.offset) <= OFFSET_REACH * cfg.stride + 1e-5)
     for scale in (out.offset_scale, out.log_radius_scale, out.composition_scale):
         assert np.all(scale > 0) and np.all(np.isfinite(scale))
     assert np.all((out.composition >= 0) & (out.composition <= 1))
@@ -53,10 +57,13 @@ def test_pad_to_align():
 
 
 def test_cell_centres_follow_pixel_convention():
-    xx, yy = cell_centres((2, 3))
+    xx, yy = cell_centres((2, 3), 4)
     # Cell (0, 0) covers pixels 0..3; its centre is 1.5.
     assert float(xx[0, 0]) == 1.5 and float(yy[0, 0]) == 1.5
-    assert float(xx[0, 2]) == 1.5 + 2 * STRIDE
+    assert float(xx[0, 2]) == 1.5 + 2 * 4
+    # At stride 2 it covers pixels 0..1.
+    xx, yy = cell_centres((2, 3), 2)
+    assert float(xx[0, 0]) == 0.5 and float(yy[1, 0]) == 2.5
 
 
 def test_translation_by_a_cell_moves_outputs(tiny):
@@ -67,7 +74,8 @@ def test_translation_by_a_cell_moves_outputs(tiny):
     a = encode(params, cfg, image).logit[0]
     b = encode(params, cfg, shifted).logit[0]
     # The standardisation sees the same pixels; compare far from the wrap-around seam.
-    np.testing.assert_allclose(a[:, 40:80], b[:, 48:88], atol=1e-4)
+    lo, hi, shift = 160 // cfg.stride, 320 // cfg.stride, 32 // cfg.stride
+    np.testing.assert_allclose(a[:, lo:hi], b[:, lo + shift : hi + shift], atol=1e-4)
 
 
 def test_gradients_are_finite(tiny):
@@ -80,3 +88,18 @@ def test_gradients_are_finite(tiny):
 def test_bad_config():
     with pytest.raises(BadArgument, match="widths"):
         EncoderConfig(widths=(8, 8, 8))
+    with pytest.raises(BadArgument, match="stride"):
+        EncoderConfig(stride=8)
+
+
+def test_depth_to_space_puts_channel_blocks_on_sub_cells():
+    from amortize.encoder import _depth_to_space
+
+    n = 2
+    x = jnp.arange(2 * 3 * 4 * 4 * n, dtype=jnp.float32).reshape(2, 3, 4, 4 * n)
+    y = _depth_to_space(x, n)
+    assert y.shape == (2, 6, 8, n)
+    # Sub-cell (a, b) of cell (i, j) is pixel (2 i + a, 2 j + b), fed by block 2 a + b.
+    for a in range(2):
+        for b in range(2):
+            np.testing.assert_array_equal(y[1, 2 * 2 + a, 2 * 3 + b], x[1, 2, 3, (2 * a + b) * n : (2 * a + b + 1) * n])

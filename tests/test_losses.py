@@ -55,6 +55,36 @@ def test_neighbour_cell_with_offset_is_as_good():
     np.testing.assert_allclose(here, neighbour, atol=1e-2)
 
 
+def test_stride_two_grid_finds_its_own_cell():
+    """On a 16 x 16 grid of 2 px cells, (8.5, 12.5) is the centre of cell (6, 4)."""
+    grid = (16, 16)
+    logit = jnp.full(grid, -8.0).at[6, 4].set(8.0)
+
+    def at_stride_two(logit, dx=0.0):
+        return CellOutputs(
+            logit=logit,
+            offset=jnp.zeros(grid + (2,)).at[..., 0].set(dx),
+            offset_scale=jnp.full(grid + (2,), 0.2),
+            log_radius=jnp.full(grid, jnp.log(3.0)),
+            log_radius_scale=jnp.full(grid, 0.05),
+            composition=jnp.full(grid + (2,), 0.5),
+            composition_scale=jnp.full(grid + (2,), 0.1),
+            background=jnp.full(grid + (3,), 0.6),
+            stride=2,
+        )
+
+    truth = one_droplet(x=8.5, y=12.5)
+    good, parts = set_loss(at_stride_two(logit), truth, BG, SHAPE)
+    # The neighbour to the right is centred 2 px away and reaches back by its offset.
+    neighbour, _ = set_loss(at_stride_two(jnp.roll(logit, 1, axis=1), dx=-2.0), truth, BG, SHAPE)
+    far, _ = set_loss(at_stride_two(jnp.roll(logit, 3, axis=1)), truth, BG, SHAPE)
+    np.testing.assert_allclose(good, neighbour, atol=1e-2)
+    assert good < far
+    # Same per-droplet likelihood as a centred cell at stride 4 (see the test above).
+    _, at_four = set_loss(confident_at(3, 2), one_droplet(), BG, SHAPE)
+    np.testing.assert_allclose(parts["mixture"], at_four["mixture"], atol=0.1)
+
+
 def test_count_term_is_gaussian_nll():
     truth = one_droplet()
     _, parts = set_loss(confident_at(3, 2), truth, BG, SHAPE)
@@ -81,7 +111,7 @@ def test_background_term_zero_when_exact():
     bg = Background(jnp.array([0.3, 0.5, 0.7]), jnp.zeros((3, 5)).at[0, 0].set(0.4))
     from amortize.encoder import cell_centres
 
-    xx, yy = cell_centres(GRID)
+    xx, yy = cell_centres(GRID, 4)
     exact = background_at(bg, SHAPE, xx, yy)
     _, parts = set_loss(cells(background=exact), one_droplet(), bg, SHAPE)
     assert float(parts["background"]) < 1e-8

@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets
@@ -20,7 +19,7 @@ def reference_render(droplets, optics, background, shape, config):
     h, w = shape
     py, px = np.indices((h, w), dtype=np.float32)
     x, y, r = (np.asarray(a) for a in (droplets.x, droplets.y, droplets.radius))
-    present = np.asarray(droplets.presence) > 0
+    present = np.asarray(droplets.presence) >= 0.5
     d = np.sqrt((px[..., None] - x) ** 2 + (py[..., None] - y) ** 2) / r
     d = np.where(present, d, np.inf)
     k = d.argmin(-1)
@@ -174,3 +173,12 @@ def test_fade_is_continuous_and_bounded():
     assert f[0] == 1.0 and f[-1] == 0.0
     assert np.all(np.diff(f) <= 1e-7)
     assert np.abs(np.diff(f)).max() < 0.05
+
+
+def test_a_mostly_absent_slot_does_not_hide_the_droplet_under_it(optics, tiny_render):
+    shape = (24, 24)
+    bg = Background.flat(BG)
+    alone = render(one_droplet(12.0, 12.0, 6.0, (0.5, 0.2, 0.1)), optics, bg, shape, tiny_render)
+    with_faint = Droplets.from_arrays([12.0, 13.0], [12.0, 12.0], [6.0, 2.0],
+                                      [[0.5, 0.2, 0.1], [0.0, 1.0, 0.0]], presence=[1.0, 0.2])
+    np.testing.assert_allclose(render(with_faint, optics, bg, shape, tiny_render), alone, atol=1e-6)

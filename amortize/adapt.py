@@ -1,0 +1,393 @@
+"""Adapting a trained model to a folder of real, unlabeled images by wake-sleep.
+
+    amortize train --config train/adapt_droplets.toml --data DIR --workdir W [--init MODEL]
+
+The encoder starts from a simulation-trained model (`--init`, by default the shipped one):
+reconstruction-only training from scratch gets stuck, so the warm start is the design. Then
+`adapt.cycles` times:
+
+1. *wake*, `adapt.wake_steps` steps: the ELBO of `amortize.wake` on random augmented crops of
+   the corpus; the encoder (guide) and the decoder (optics MLP, pixel noise) learn together.
+2. *refit*: the scene prior is refitted to what the encoder now finds on a fixed set of
+   corpus crops (`amortize.prior_fit`).
+3. *sleep*, `adapt.sleep_steps` steps: the simulation objective of `amortize.train`, on scenes
+   drawn from the refitted prior and rendered by the *current* decoder, so that synthetic
+   scenes come to look like the user's.
+
+The workdir is laid out as for simulation training and resumes the same way. Every checkpoint
+holds {step, params (encoder), decoder, wake_opt, sleep_opt}, and its config records the
+prior in force, so a resumed run continues with the prior it had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+import tomllib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from amortize import checkpoint
+from amortize.config import SceneConfig, SimulationConfig, _check, from_dict, to_dict
+from amortize.corpus import Corpus, sample_crops
+from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
+from amortize.encoder import EncoderConfig, encode
+from amortize.errors import BadArgument, BadInput
+from amortize.prior_fit import prior_summary, refit_scene
+from amortize.train import NonFinite, RunConfig, TrainConfig, make_train_step, prepare_workdir
+from amortize.reconstruct import reconstruct_cells
+from amortize.wake import WakeConfig, elbo_parts, fit_background, interior_mask
+from amortize.writers import TensorboardWriter, Writer
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptConfig:
+    """The wake-sleep schedule and its optimisers.
+
+    Attributes:
+        cycles: wake-refit-sleep cycles.
+        wake_steps, sleep_steps: steps of each phase per cycle (sleep may be 0).
+        encoder_learning_rate: Adam step of the encoder in the wake phase.
+        decoder_learning_rate: Adam step of the optics and noise (they start from a generic
+            droplet and have further to go).
+        sleep_learning_rate: Adam step of the encoder in the sleep phase.
+        grad_clip: global norm clip of every update.
+        anchor_fraction: share of sleep steps drawn from the recipe's own prior and the
+            starting optics instead of the refitted ones, so that adapting to one corpus
+            does not unlearn the scenes the model was trained on.
+        refit_crops: corpus crops the prior is refitted on.
+        threshold: presence at which the refit counts a detection.
+        seed: crops, augmentations and simulated scenes derive from it and the step.
+        checkpoint_every, log_every, preview_every: as for simulation training.
+    """
+
+    cycles: int = 4
+    wake_steps: int = 100
+    sleep_steps: int = 50
+    encoder_learning_rate: float = 1e-4
+    decoder_learning_rate: float = 2e-3
+    sleep_learning_rate: float = 1e-4
+    grad_clip: float = 1.0
+    anchor_fraction: float = 0.5
+    refit_crops: int = 32
+    threshold: float = DEFAULT_THRESHOLD
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    preview_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.cycles >= 1, "cycles", "must be >= 1")
+        _check(self.wake_steps >= 1, "wake_steps", "must be >= 1")
+        _check(self.sleep_steps >= 0, "sleep_steps", "must be >= 0")
+        for name in ("encoder_learning_rate", "decoder_learning_rate", "sleep_learning_rate", "grad_clip"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(0 <= self.anchor_fraction < 1, "anchor_fraction", "must be in [0, 1)")
+        _check(self.refit_crops >= 1, "refit_crops", "must be >= 1")
+        _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
+        for name in ("checkpoint_every", "log_every", "preview_every"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+
+    @classmethod
+    def tiny(cls) -> "AdaptConfig":
+        return cls(cycles=1, wake_steps=2, sleep_steps=2, refit_crops=2, checkpoint_every=2,
+                   log_every=1, preview_every=2)
+
+    @property
+    def steps(self) -> int:
+        return self.cycles * (self.wake_steps + self.sleep_steps)
+
+    def phase(self, step: int) -> tuple[str, int, int]:
+        """(phase, cycle, step within the phase) of global step index `step`; the phase is
+        "wake", "sleep" (refitted prior, current decoder) or "anchor" (the recipe's prior)."""
+        cycle, within = divmod(step, self.wake_steps + self.sleep_steps)
+        if within < self.wake_steps:
+            return "wake", cycle, within
+        within -= self.wake_steps
+        f = self.anchor_fraction
+        anchor = math.floor((within + 1) * f) > math.floor(within * f)
+        return ("anchor" if anchor else "sleep"), cycle, within
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptRun:
+    """An adaptation recipe, with the encoder's architecture taken from the `--init` model.
+
+    `simulation` is the starting prior of the sleep phases; `train` sets their crops and
+    batch size (its steps and learning-rate schedule are unused).
+    """
+
+    encoder: EncoderConfig
+    simulation: SimulationConfig = dataclasses.field(default_factory=SimulationConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    wake: WakeConfig = dataclasses.field(default_factory=WakeConfig)
+    adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
+
+    def __post_init__(self) -> None:
+        RunConfig(self.simulation, self.encoder, self.train)  # the same consistency checks
+
+    def sleep_run(self, scene: SceneConfig) -> RunConfig:
+        return RunConfig(dataclasses.replace(self.simulation, scene=scene), self.encoder, self.train)
+
+
+def load_adapt_recipe(path: str | pathlib.Path, encoder: EncoderConfig) -> AdaptRun:
+    """Parse an adaptation recipe ([simulation.*], [train], [wake], [adapt]; all optional)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise BadInput(path, "recipe not found" if not path.exists() else "recipe must be a file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise BadInput(path, f"not valid TOML ({err})") from None
+    if "encoder" in data:
+        raise BadInput(path, "an adaptation recipe takes its [encoder] from --init; remove the table")
+    try:
+        return from_dict(AdaptRun, {**data, "encoder": to_dict(encoder)})
+    except BadArgument as err:
+        raise BadInput(path, f"{err.subject}: {err.reason}") from None
+    except TypeError as err:
+        raise BadInput(path, f"bad value ({err})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Steps
+
+
+def wake_kwargs(run: AdaptRun, scene: SceneConfig, n_crops: int, optics_init: dict) -> dict:
+    """The static keyword arguments of `wake_model` and `wake_guide`."""
+    return dict(
+        n_crops=n_crops, n_slots=run.wake.n_slots(scene, run.encoder), scene=scene,
+        encoder=run.encoder, render_config=run.simulation.render, wake=run.wake,
+        optics_init=optics_init,
+    )
+
+
+def wake_optimizer(cfg: AdaptConfig):
+    """Adam on {"encoder", "decoder"} with their own step sizes, after a global clip."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.multi_transform(
+            {"encoder": optax.adam(cfg.encoder_learning_rate), "decoder": optax.adam(cfg.decoder_learning_rate)},
+            {"encoder": "encoder", "decoder": "decoder"},
+        ),
+    )
+
+
+def sleep_optimizer(cfg: AdaptConfig):
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.sleep_learning_rate))
+
+
+def make_wake_step(run: AdaptRun, kwargs: dict):
+    """Jitted (state, key, crops) -> (state, metrics): one ELBO step on encoder and decoder.
+
+    The loss is the negative ELBO per observed value of the whole corpus, a constant rescaling
+    that keeps gradient norms and learning rates independent of the corpus size.
+    """
+    tx = wake_optimizer(run.adapt)
+    h, w = run.wake.crop
+    n_obs = kwargs["n_crops"] * float(interior_mask((h, w), run.wake.border).sum()) * run.encoder.channels
+
+    def loss_fn(trainable, key, crops):
+        params = {"encoder$params": trainable["encoder"]["params"], **trainable["decoder"]}
+        parts = elbo_parts(params, key, crops, **kwargs)
+        return -parts["elbo"] / n_obs, parts
+
+    @jax.jit
+    def step(state, key, crops):
+        trainable = {"encoder": state["params"], "decoder": state["decoder"]}
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, key, crops)
+        updates, wake_opt = tx.update(grads, state["wake_opt"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, **{k: v / n_obs for k, v in parts.items() if k != "recon_rmse"},
+                   "recon_rmse": parts["recon_rmse"], "noise": jnp.exp(trainable["decoder"]["log_noise"]),
+                   "grad_norm_encoder": optax.tree.norm(grads["encoder"]),
+                   "grad_norm_decoder": optax.tree.norm(grads["decoder"])}
+        new = {**state, "step": state["step"] + 1, "params": trainable["encoder"],
+               "decoder": trainable["decoder"], "wake_opt": wake_opt}
+        return new, metrics
+
+    return step
+
+
+def make_sleep_step(run: AdaptRun, scene: SceneConfig, optics: dict):
+    """Jitted (state, key) -> (state, metrics): one simulation step from the given prior."""
+    inner = make_train_step(run.sleep_run(scene), optics, tx=sleep_optimizer(run.adapt))
+
+    @jax.jit
+    def step(state, key):
+        sub = {"step": state["step"], "params": state["params"], "opt_state": state["sleep_opt"]}
+        sub, metrics = inner(sub, key)
+        return {**state, "step": sub["step"], "params": sub["params"], "sleep_opt": sub["opt_state"]}, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------
+# Refit
+
+
+def sweep(params: dict, encoder: EncoderConfig, crops: np.ndarray, threshold: float, batch: int):
+    """Detections and fitted backgrounds of the encoder over `crops` (n, H, W, C)."""
+    shape = crops.shape[1:3]
+
+    @jax.jit
+    def one_batch(p, x):
+        out = encode(p, encoder, x)
+        cells = jax.vmap(lambda o: cell_droplets(o, threshold))(out)
+        return cells, fit_background(out, shape)
+
+    radii, comps, colours, illum = [], [], [], []
+    for start in range(0, len(crops), batch):
+        chunk = crops[start : start + batch]
+        pad = batch - len(chunk)
+        x = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+        cells, background = jax.device_get(one_batch(params, jnp.asarray(x)))
+        for i in range(len(chunk)):
+            table = to_droplet_table(jax.tree_util.tree_map(lambda a: a[i], cells), shape)
+            radii.append(table["radius"])
+            comps.append(np.stack([table[f"comp_{k}"] for k in range(encoder.n_types)], -1))
+            colours.append(background.colour[i])
+            illum.append(background.illumination[i])
+    return {
+        "radii": np.concatenate(radii), "compositions": np.concatenate(comps),
+        "area_px": float(len(crops) * shape[0] * shape[1]),
+        "background_colours": np.stack(colours), "illumination": np.stack(illum),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def _checkpoint_config(resolved: dict, scene: SceneConfig) -> dict:
+    """The recipe with the prior currently in force (what a resumed run or export needs)."""
+    return {**resolved, "simulation": {**resolved["simulation"], "scene": to_dict(scene)}}
+
+
+def _preview(crop: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """Input | reconstruction | residual (0.5 + difference), side by side."""
+    residual = np.clip(0.5 + (crop - recon), 0.0, 1.0)
+    gap = np.ones((crop.shape[0], 4, 3), np.float32)
+    return np.concatenate([crop, gap, recon, gap, residual], axis=1)
+
+
+def adapt(
+    run: AdaptRun,
+    corpus: Corpus,
+    workdir: str | pathlib.Path,
+    init_params: dict,
+    init_optics: dict,
+    writer: Writer | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Wake-sleep adaptation (or its resumption) in `workdir`; returns the last metrics.
+
+    Args:
+        run: the recipe.
+        corpus: the real images.
+        workdir: config, checkpoints and logs; an existing run there is resumed.
+        init_params: encoder variables to start from (ignored when resuming).
+        init_optics: decoder optics to start from; the anchor steps keep simulating with
+            them (pass the same optics when resuming).
+        writer: metric writer (default: tensorboardX under `workdir/logs`).
+        progress: show a progress bar.
+        stop_after: stop (with a checkpoint) after this many steps in this call (tests).
+    """
+    workdir = pathlib.Path(workdir)
+    resolved = prepare_workdir(workdir, run)
+    cfg = run.adapt
+    own_writer = writer is None
+    writer = TensorboardWriter(workdir / "logs") if own_writer else writer
+    mgr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_SUBDIR)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": init_params,
+        "decoder": {"optics": init_optics, "log_noise": jnp.log(jnp.float32(run.wake.noise_init))},
+    }
+    state["wake_opt"] = wake_optimizer(cfg).init({"encoder": state["params"], "decoder": state["decoder"]})
+    state["sleep_opt"] = sleep_optimizer(cfg).init(state["params"])
+    scene = run.simulation.scene
+    latest = mgr.latest_step()
+    if latest is not None:
+        try:
+            state, saved = checkpoint.restore(mgr, latest, "state", target=state)
+            scene = from_dict(SceneConfig, saved["simulation"]["scene"])
+        except Exception as err:
+            raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(latest),
+                           f"cannot resume from this checkpoint ({checkpoint._short(err)})") from None
+    start = int(state["step"])
+    n_crops = corpus.n_crops(run.wake.crop)
+    root = jax.random.PRNGKey(cfg.seed)
+    wake_key, sleep_key = jax.random.fold_in(root, 4), jax.random.fold_in(root, 5)
+    refit_set = sample_crops(corpus, np.random.default_rng([cfg.seed, 1]), cfg.refit_crops, run.wake.crop)
+    preview_crop = refit_set[0]
+    compiled: dict = {}
+    anchors: dict = {}  # the anchor step never changes: compile it once
+    metrics_np: dict[str, float] = {}
+    bar = tqdm(total=cfg.steps, initial=start, desc="adapt", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    done_here = 0
+    try:
+        for step in range(start, cfg.steps):
+            phase, cycle, within = cfg.phase(step)
+            if phase != "wake" and within == 0:
+                found = sweep(state["params"], run.encoder, refit_set, cfg.threshold, run.wake.batch_size)
+                noise = float(jnp.exp(state["decoder"]["log_noise"]))
+                scene = refit_scene(scene, noise=noise, **found)
+                writer.scalars({f"prior/{k}": v for k, v in prior_summary(scene).items()}, step)
+                writer.histogram("prior/detected_radius", found["radii"], step)
+            if compiled.get("cycle") != (cycle, phase == "wake"):  # new decoder or prior
+                optics = state["decoder"]["optics"]
+                compiled = {"cycle": (cycle, phase == "wake")}
+                if phase == "wake":
+                    compiled["wake"] = make_wake_step(run, wake_kwargs(run, scene, n_crops, optics))
+                else:
+                    compiled["sleep"] = make_sleep_step(run, scene, optics)
+                    if cfg.anchor_fraction > 0:
+                        if "fn" not in anchors:
+                            anchors["fn"] = make_sleep_step(run, run.simulation.scene, init_optics)
+                        compiled["anchor"] = anchors["fn"]
+            if phase == "wake":
+                crops = sample_crops(corpus, np.random.default_rng([cfg.seed, 2, step]),
+                                     run.wake.batch_size, run.wake.crop)
+                state, metrics = compiled["wake"](state, jax.random.fold_in(wake_key, step), jnp.asarray(crops))
+            else:
+                state, metrics = compiled[phase](state, sleep_key)
+            metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not all(math.isfinite(v) for v in metrics_np.values()):
+                bad = ", ".join(k for k, v in metrics_np.items() if not math.isfinite(v))
+                raise NonFinite("adapt", f"non-finite {bad} at step {step + 1} ({phase}); stopped, last "
+                                f"good checkpoint is step {mgr.latest_step()} in {workdir}")
+            done = step + 1
+            done_here += 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                writer.scalars({f"{phase}/{k}": v for k, v in metrics_np.items()}, done)
+                writer.scalars({"adapt/steps_per_second": done_here / max(time.perf_counter() - t0, 1e-9)}, done)
+                bar.set_postfix(phase=phase, loss=f"{metrics_np['loss']:.3f}", refresh=False)
+            if done % cfg.preview_every == 0 or done == cfg.steps:
+                recon = reconstruct_cells(state["params"], run.encoder, state["decoder"]["optics"],
+                                          preview_crop, run.simulation.render, cfg.threshold)
+                writer.image("wake/input_reconstruction_residual", _preview(preview_crop, recon), done)
+            stopping = stop_after is not None and done_here >= stop_after
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                checkpoint.save(mgr, done, "state", state, _checkpoint_config(resolved, scene))
+            if stopping:
+                break
+    finally:
+        bar.close()
+        mgr.wait_until_finished()
+        mgr.close()
+        if own_writer:
+            writer.close()
+    metrics_np["step"] = int(state["step"])
+    metrics_np["wall_seconds"] = time.perf_counter() - t0
+    return metrics_np

@@ -1,0 +1,122 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+
+from amortize.adapt import AdaptConfig, AdaptRun, make_wake_step, wake_kwargs, wake_optimizer
+from amortize.config import SceneConfig, SimulationConfig
+from amortize.droplets import Background
+from amortize.encoder import CellOutputs, EncoderConfig, cell_centres, init_encoder
+from amortize.losses import background_at
+from amortize.simulate import simulate
+from amortize.train import TrainConfig
+from amortize.wake import (
+    ENCODER_PARAM, WakeConfig, candidate_slots, elbo_parts, fit_background, init_params,
+    interior_mask, wake_guide, wake_model,
+)
+
+ENCODER = dataclasses.replace(EncoderConfig.tiny(), stride=2)
+WAKE = WakeConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def setup(optics):
+    sim = SimulationConfig.tiny()
+    crops = jnp.asarray(simulate(2, (64, 64), seed=11, config=sim).images)
+    kwargs = dict(n_crops=10, n_slots=WAKE.n_slots(sim.scene, ENCODER), scene=sim.scene,
+                  encoder=ENCODER, render_config=sim.render, wake=WAKE, optics_init=optics)
+    params = init_params(init_encoder(jax.random.PRNGKey(0), ENCODER), optics, WAKE)
+    return crops, kwargs, params, sim
+
+
+def test_elbo_is_numpyros_trace_elbo(setup):
+    crops, kwargs, params, _ = setup
+    key = jax.random.PRNGKey(3)
+    loss = numpyro.infer.Trace_ELBO().loss(key, params, wake_model, wake_guide, crops, **kwargs)
+    # Trace_ELBO seeds the guide with the second half of the split key.
+    ours = elbo_parts(params, jax.random.split(key)[1], crops, **kwargs)
+    np.testing.assert_allclose(float(ours["elbo"]), -float(loss), rtol=1e-5)
+    kl = sum(float(ours[k]) for k in ours if k.startswith("kl_"))
+    np.testing.assert_allclose(float(ours["elbo"]), float(ours["log_likelihood"]) - kl, rtol=1e-5)
+
+
+def test_elbo_and_its_gradients_are_finite_for_encoder_and_decoder(setup):
+    crops, kwargs, params, _ = setup
+    grads = jax.grad(lambda p: elbo_parts(p, jax.random.PRNGKey(0), crops, **kwargs)["elbo"])(params)
+    assert set(grads) == {ENCODER_PARAM, "optics", "log_noise"}
+    for name, g in grads.items():
+        leaves = jax.tree_util.tree_leaves(g)
+        assert all(np.all(np.isfinite(a)) for a in leaves), name
+        assert any(np.any(a != 0) for a in leaves), f"no gradient reaches {name}"
+
+
+def test_a_few_wake_steps_lower_the_loss(setup, optics):
+    crops, _, _, sim = setup
+    run = AdaptRun(encoder=ENCODER, simulation=sim, train=TrainConfig.tiny(), wake=WAKE,
+                   adapt=dataclasses.replace(AdaptConfig.tiny(), encoder_learning_rate=1e-3,
+                                             decoder_learning_rate=1e-2))
+    step = make_wake_step(run, wake_kwargs(run, sim.scene, 10, optics))
+    state = {"step": jnp.zeros((), jnp.int32), "params": init_encoder(jax.random.PRNGKey(0), ENCODER),
+             "decoder": {"optics": optics, "log_noise": jnp.log(jnp.float32(WAKE.noise_init))}}
+    state["wake_opt"] = wake_optimizer(run.adapt).init({"encoder": state["params"], "decoder": state["decoder"]})
+    losses = []
+    for i in range(12):
+        state, metrics = step(state, jax.random.PRNGKey(i), crops)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_candidate_slots_take_the_most_present_cells_inside_the_crop():
+    grid = (8, 8)
+    logit = jnp.full((1,) + grid, -5.0).at[0, 2, 3].set(4.0).at[0, 5, 1].set(2.0).at[0, 7, 7].set(9.0)
+    z = jnp.zeros((1,) + grid)
+    out = CellOutputs(logit, jnp.zeros(z.shape + (2,)), jnp.ones(z.shape + (2,)), z, z + 0.1,
+                      jnp.full(z.shape + (2,), 0.5), jnp.full(z.shape + (2,), 0.1),
+                      jnp.full(z.shape + (3,), 0.5), stride=4)
+    # A 28 x 28 crop: row and column 7 of the 4 px cells are centred outside it.
+    slots = candidate_slots(out, 2, (28, 28))
+    np.testing.assert_allclose(slots["logit"][0], [4.0, 2.0])
+    np.testing.assert_allclose(slots["x"][0], [13.5, 5.5])
+    np.testing.assert_allclose(slots["y"][0], [9.5, 21.5])
+    # A neighbour of a peak is not a candidate (no second slot for the same droplet).
+    slots = candidate_slots(out.replace(logit=logit.at[0, 2, 4].set(3.0)), 3, (28, 28))
+    assert 3.0 not in np.asarray(slots["logit"][0])
+    # More slots than peaks: the fillers are absent.
+    z4 = jnp.full((1, 2, 2), 1.0)
+    few = CellOutputs(z4, jnp.zeros((1, 2, 2, 2)), jnp.ones((1, 2, 2, 2)), z4, z4, jnp.zeros((1, 2, 2, 2)),
+                      jnp.ones((1, 2, 2, 2)), jnp.zeros((1, 2, 2, 3)), stride=4)
+    assert np.all(np.isfinite(candidate_slots(few.replace(logit=z4.at[0, 0, 0].set(5.0)), 4, (8, 8))["logit"]))
+
+
+def test_background_fit_recovers_colour_and_illumination():
+    shape, grid = (64, 96), (16, 24)
+    truth = Background(jnp.array([0.3, 0.5, 0.7]), jnp.zeros((3, 5)).at[0, 0].set(0.4).at[2, 3].set(-0.3))
+    xx, yy = cell_centres(grid, 4)
+    bg = background_at(truth, shape, xx, yy)[None]
+    z = jnp.zeros((1,) + grid)
+    out = CellOutputs(z, jnp.zeros(z.shape + (2,)), jnp.ones(z.shape + (2,)), z, z + 0.1,
+                      jnp.full(z.shape + (2,), 0.5), jnp.full(z.shape + (2,), 0.1), bg, stride=4)
+    fitted = fit_background(out, shape)
+    np.testing.assert_allclose(fitted.colour[0], truth.colour, atol=1e-3)
+    np.testing.assert_allclose(fitted.illumination[0], truth.illumination, atol=1e-3)
+
+
+def test_interior_mask_and_slot_count():
+    mask = interior_mask((10, 12), 2)
+    assert mask.sum() == 6 * 8 and not mask[1].any() and mask[2, 2]
+    assert WakeConfig().n_slots(SceneConfig(density=12, density_spread=2.5), EncoderConfig(stride=2)) > 77
+
+
+def test_bernoulli_kl_matches_the_formula():
+    from amortize.wake import bernoulli_kl
+
+    q, p = 0.8, 0.3
+    expected = q * np.log(q / p) + (1 - q) * np.log((1 - q) / (1 - p))
+    np.testing.assert_allclose(bernoulli_kl(jnp.log(q / (1 - q)), p), expected, rtol=1e-5)
+    np.testing.assert_allclose(bernoulli_kl(jnp.float32(0.0), 0.5), 0.0, atol=1e-7)
+    # A confidently empty slot costs about -log(1 - p), not the logit gap.
+    np.testing.assert_allclose(bernoulli_kl(jnp.float32(-12.0), 0.3), -np.log(0.7), rtol=1e-3)
