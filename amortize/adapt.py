@@ -22,6 +22,7 @@ prior in force, so a resumed run continues with the prior it had.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 import time
@@ -232,9 +233,9 @@ def make_sleep_step(run: AdaptRun, scene: SceneConfig, optics: dict):
 # Refit
 
 
-def sweep(params: dict, encoder: EncoderConfig, crops: np.ndarray, threshold: float, batch: int):
-    """Detections and fitted backgrounds of the encoder over `crops` (n, H, W, C)."""
-    shape = crops.shape[1:3]
+@functools.lru_cache(maxsize=4)
+def _sweep_batch(encoder: EncoderConfig, shape: tuple[int, int], threshold: float):
+    """One compiled encode-detect-fit pass per setting, reused by every refit of a run."""
 
     @jax.jit
     def one_batch(p, x):
@@ -242,6 +243,13 @@ def sweep(params: dict, encoder: EncoderConfig, crops: np.ndarray, threshold: fl
         cells = jax.vmap(lambda o: cell_droplets(o, threshold))(out)
         return cells, fit_background(out, shape)
 
+    return one_batch
+
+
+def sweep(params: dict, encoder: EncoderConfig, crops: np.ndarray, threshold: float, batch: int):
+    """Detections and fitted backgrounds of the encoder over `crops` (n, H, W, C)."""
+    shape = tuple(crops.shape[1:3])
+    one_batch = _sweep_batch(encoder, shape, float(threshold))
     radii, comps, colours, illum = [], [], [], []
     for start in range(0, len(crops), batch):
         chunk = crops[start : start + batch]
