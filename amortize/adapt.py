@@ -41,7 +41,9 @@ from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.encoder import EncoderConfig, encode
 from amortize.errors import BadArgument, BadInput
 from amortize.prior_fit import prior_summary, refit_scene
-from amortize.train import NonFinite, RunConfig, TrainConfig, make_train_step, prepare_workdir
+from amortize.train import (
+    RunConfig, TrainConfig, finite_metrics, make_train_step, prepare_workdir, resume,
+)
 from amortize.reconstruct import reconstruct_cells
 from amortize.wake import WakeConfig, elbo_parts, fit_background, interior_mask
 from amortize.writers import TensorboardWriter, Writer
@@ -321,15 +323,8 @@ def adapt(
     }
     state["wake_opt"] = wake_optimizer(cfg).init({"encoder": state["params"], "decoder": state["decoder"]})
     state["sleep_opt"] = sleep_optimizer(cfg).init(state["params"])
-    scene = run.simulation.scene
-    latest = mgr.latest_step()
-    if latest is not None:
-        try:
-            state, saved = checkpoint.restore(mgr, latest, "state", target=state)
-            scene = from_dict(SceneConfig, saved["simulation"]["scene"])
-        except Exception as err:
-            raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(latest),
-                           f"cannot resume from this checkpoint ({checkpoint._short(err)})") from None
+    state, saved = resume(mgr, state, workdir)
+    scene = run.simulation.scene if saved is None else from_dict(SceneConfig, saved["simulation"]["scene"])
     start = int(state["step"])
     n_crops = corpus.n_crops(run.wake.crop)
     root = jax.random.PRNGKey(cfg.seed)
@@ -369,11 +364,7 @@ def adapt(
                 state, metrics = compiled["wake"](state, jax.random.fold_in(wake_key, step), jnp.asarray(crops))
             else:
                 state, metrics = compiled[phase](state, sleep_key)
-            metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not all(math.isfinite(v) for v in metrics_np.values()):
-                bad = ", ".join(k for k, v in metrics_np.items() if not math.isfinite(v))
-                raise NonFinite("adapt", f"non-finite {bad} at step {step + 1} ({phase}); stopped, last "
-                                f"good checkpoint is step {mgr.latest_step()} in {workdir}")
+            metrics_np = finite_metrics(metrics, f"step {step + 1} ({phase})", mgr, workdir)
             done = step + 1
             done_here += 1
             bar.update(1)

@@ -214,6 +214,28 @@ class NonFinite(AmortizeError):
     """Training produced NaN or inf; the last good checkpoint is kept."""
 
 
+def resume(mgr, state: dict, workdir: pathlib.Path) -> tuple[dict, dict | None]:
+    """(state, saved config) from the workdir's latest checkpoint, or (state, None) if none."""
+    latest = mgr.latest_step()
+    if latest is None:
+        return state, None
+    try:
+        return checkpoint.restore(mgr, latest, "state", target=state)
+    except Exception as err:
+        raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(latest),
+                       f"cannot resume from this checkpoint ({checkpoint._short(err)})") from None
+
+
+def finite_metrics(metrics: dict, where: str, mgr, workdir: pathlib.Path) -> dict[str, float]:
+    """Metrics as floats; a one-line NonFinite naming the last good checkpoint otherwise."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFinite("training", f"non-finite {', '.join(bad)} at {where}; stopped, last good "
+                        f"checkpoint is step {mgr.latest_step()} in {workdir}")
+    return values
+
+
 def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
     root = jax.random.PRNGKey(seed)
     return jax.random.fold_in(root, 2), jax.random.fold_in(root, 3)  # data, preview
@@ -285,13 +307,7 @@ def train(
     mgr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_SUBDIR)
     cfg = run.train
     state = init_state(run)
-    latest = mgr.latest_step()
-    if latest is not None:
-        try:
-            state, _ = checkpoint.restore(mgr, latest, "state", target=state)
-        except Exception as err:
-            raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(latest),
-                           f"cannot resume from this checkpoint ({checkpoint._short(err)})") from None
+    state, _ = resume(mgr, state, workdir)
     start = int(state["step"])
     step_fn = make_train_step(run, optics_params)
     data_key, preview_key = _keys(cfg.seed)
@@ -304,14 +320,7 @@ def train(
     try:
         for step in range(start, cfg.steps):
             state, metrics = step_fn(state, data_key)
-            metrics_np = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not all(math.isfinite(v) for v in metrics_np.values()):
-                bad = ", ".join(k for k, v in metrics_np.items() if not math.isfinite(v))
-                last = mgr.latest_step()
-                raise NonFinite(
-                    "training", f"non-finite {bad} at step {step + 1}; stopped, last good "
-                    f"checkpoint is step {last} in {workdir}"
-                )
+            metrics_np = finite_metrics(metrics, f"step {step + 1}", mgr, workdir)
             done = step + 1
             done_here += 1
             bar.update(1)
