@@ -132,6 +132,32 @@ def cmd_predict(args) -> int:
     return 1 if errors or done == 0 else 0
 
 
+def cmd_refine(args) -> int:
+    from amortize.predict import Predictor
+    from amortize.refine import RefineConfig, pick_device, refine_files
+
+    defaults = RefineConfig()
+    config = RefineConfig(
+        steps=defaults.steps if args.steps is None else args.steps,
+        learning_rate=defaults.learning_rate if args.lr is None else args.lr,
+        rounds=defaults.rounds if args.rounds is None else args.rounds,
+        freeze_optics=args.freeze_optics,
+    )
+    if args.scale is not None and not args.scale > 0:
+        raise BadArgument("--scale", f"must be > 0, got {args.scale}")
+    device = pick_device(args.device)
+    predictor = Predictor.load(args.checkpoint)
+    done, errors = refine_files(
+        args.inputs, args.out, predictor, config=config, scale=args.scale, device=args.device,
+        force=args.force, progress=not args.quiet,
+        report=lambda line: print(f"amortize refine: {line}", file=sys.stderr),
+    )
+    if not args.quiet:
+        print(f"refined {done} image(s) into {args.out} on {device.platform}"
+              + (f"; {len(errors)} failed" if errors else ""))
+    return 1 if errors or done == 0 else 0
+
+
 def cmd_evaluate(args) -> int:
     import json
 
@@ -206,6 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
     pr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     pr.set_defaults(run=cmd_predict)
+
+    rf = sub.add_parser("refine", help="refine predictions by per-image SVI (CSV with posterior "
+                        "sd, reconstruction, residual, loss curve, JSON)")
+    rf.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    rf.add_argument("--out", required=True, help="output directory")
+    rf.add_argument("--checkpoint", help="model directory or training workdir "
+                    "(default: checkpoints/default)")
+    rf.add_argument("--steps", type=int, help="most SVI steps (default 1000; stops early "
+                    "when the loss has converged)")
+    rf.add_argument("--lr", type=float, help="Adam learning rate (default 0.02)")
+    rf.add_argument("--rounds", type=int, help="SVI rounds with residual-driven birth "
+                    "proposals between them (default 1: none)")
+    rf.add_argument("--device", default="auto", help="cpu, gpu or auto (a GPU when JAX sees one)")
+    rf.add_argument("--freeze-optics", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the trained decoder's optics (default) or fine-tune them per image")
+    rf.add_argument("--scale", type=float, help="input px per encoder px, as for predict")
+    rf.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    rf.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    rf.set_defaults(run=cmd_refine)
 
     ev = sub.add_parser("evaluate", help="match predictions to ground truth, print metrics")
     ev.add_argument("--pred", required=True, help="directory of predicted <stem>.csv")

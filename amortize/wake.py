@@ -56,6 +56,7 @@ from amortize.encoder import (
     pad_to_align, standardise,
 )
 from amortize.losses import cell_mask
+from amortize.nuisance import gaussian_blur
 from amortize.render import render_logits
 
 #: Name of the encoder's parameters in the numpyro parameter map (set by `flax_module`).
@@ -84,6 +85,8 @@ class WakeConfig:
         slot_sd: candidate slots per crop are the prior's densest expected count plus this
             many standard deviations.
         noise_init: starting pixel noise scale of the decoder.
+        blur_max: if > 0, the model blurs its rendering with a learned Gaussian of sigma in
+            (0, blur_max) px (the microscope's defocus; simulated scenes are blurred too).
     """
 
     crop: tuple[int, int] = (160, 160)
@@ -92,6 +95,7 @@ class WakeConfig:
     border: int = 16
     slot_sd: float = 4.0
     noise_init: float = 0.03
+    blur_max: float = 0.0
 
     def __post_init__(self) -> None:
         _check(len(self.crop) == 2 and min(self.crop) >= 32, "crop", "need two sizes >= 32 px")
@@ -100,6 +104,7 @@ class WakeConfig:
         _check(0 <= 2 * self.border < min(self.crop), "border", "must leave part of the crop")
         _check(self.slot_sd >= 0, "slot_sd", "must be >= 0")
         _check(self.noise_init > 0, "noise_init", "must be > 0")
+        _check(0 <= self.blur_max <= 8, "blur_max", "must be in [0, 8] px")
 
     @classmethod
     def tiny(cls) -> "WakeConfig":
@@ -163,6 +168,7 @@ def candidate_slots(out: CellOutputs, n_slots: int, shape: tuple[int, int]) -> d
         "log_radius_scale": gather(out.log_radius_scale),
         "composition": gather(out.composition),
         "composition_scale": gather(out.composition_scale),
+        "index": idx,  # flat cell index of each slot
     }
 
 
@@ -254,7 +260,12 @@ def wake_model(
         logits = jax.vmap(lambda d, bg: render_logits(d, optics, bg, (h, w), render_config))(
             droplets, Background(colour, illumination)
         )
-        mean = numpyro.deterministic("rendered", jax.nn.sigmoid(logits))
+        mean = jax.nn.sigmoid(logits)
+        if wake.blur_max > 0:
+            sigma = numpyro.param("blur_sigma", jnp.float32(wake.blur_max / 2),
+                                  constraint=dist.constraints.interval(0.0, wake.blur_max))
+            mean = jax.vmap(lambda m: gaussian_blur(m, sigma, wake.blur_max))(mean)
+        mean = numpyro.deterministic("rendered", mean)
         inside = jnp.asarray(interior_mask((h, w), wake.border))[None, :, :, None]
         numpyro.sample("image", dist.Normal(mean, noise).mask(inside).to_event(3), obs=images)
 

@@ -1,0 +1,745 @@
+"""Per-image SVI refinement, starting from the encoder's answer.
+
+The model is the wake objective's scene model (`amortize.wake.wake_model`) for a single
+image: the same priors, renderer, relaxed presence and learned pixel noise. The guide is
+*not* amortized here: every droplet slot has its own variational parameters (a mean-field
+guide with the same distribution families as the encoder's), and they start where the
+encoder put them, with the encoder's predicted scales. So SVI starts next to the answer
+instead of at the prior, and converges in hundreds of steps instead of the original
+notebooks' 100k.
+
+Births and deaths.
+- Deaths: each slot's presence is a variational Bernoulli probability scored against the
+  per-cell prior rate, so a slot that explains nothing is switched off by the ELBO.
+- Births: the slots also include the encoder's sub-threshold presence peaks (a droplet it
+  half-saw can be switched on), and spare slots. Between SVI rounds, a residual-driven
+  proposal places spare or dead slots on the strongest blobs of the squared residual that
+  no present droplet sits on, with a radius from the blob's scale; SVI then keeps or kills
+  them.
+
+The optics MLP is frozen by default (the trained decoder's look); `freeze_optics=False`
+fine-tunes it on this image as well. The same jitted code runs on a CPU or a GPU; only the
+device placement differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+from numpyro import handlers
+from numpyro.infer import SVI, Trace_ELBO
+from tqdm.auto import tqdm
+
+from amortize.config import _check
+from amortize.detect import DEFAULT_THRESHOLD, cell_droplets
+from amortize.droplets import Background, Droplets
+from amortize.encoder import decode_outputs
+from amortize.errors import BadArgument
+from amortize.nuisance import gaussian_blur
+from amortize.predict import MIN_SIDE, Predictor, _pad, aligned, check_image, resize, standardise_np
+from amortize.reconstruct import SLOT_BUCKET, render_table, rmse
+from amortize.render import render_logits
+from amortize.wake import (
+    ABSENT_LOGIT, BACKGROUND_EPS, COMP_LOGIT_LIMIT, WakeConfig, _reach, candidate_slots,
+    fit_background, wake_model,
+)
+
+#: Candidate slots start with logits in this range, so that none starts saturated (a
+#: sigmoid at -30 has no gradient left to switch a droplet on). Spare slots stay at
+#: `ABSENT_LOGIT`, out of play, until a birth proposal places them: switched on anywhere,
+#: they took pixels from real droplets to fit blur the model does not have (simulated
+#: scenes: 40 false droplets per 512 x 384 image).
+INIT_LOGIT_RANGE = (-6.0, 8.0)
+#: Starting presence logit of the droplets predict reports (see `slots_from_encoder`).
+DETECTED_LOGIT = 6.0
+#: Presence of a slot placed by a birth proposal: undecided, for SVI to settle.
+BIRTH_LOGIT = 0.0
+#: Smallest starting scales (px for positions, log units for radii).
+MIN_INIT_SCALE = {"offset": 0.01, "log_radius": 0.005, "composition": 0.02}
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+    """Settings of per-image refinement.
+
+    Attributes:
+        steps: most SVI steps in all.
+        learning_rate: Adam step size (in each parameter's unconstrained space).
+        rounds: SVI rounds; a residual-driven birth proposal runs between consecutive
+            rounds. The default, 1, leaves births to the encoder's sub-threshold candidates:
+            on simulated scenes the residual's blobs were mostly misfits, and a second round
+            added 20 false droplets per 512 x 384 image for 2 real ones.
+        chunk: steps per compiled call; the progress bar and the convergence test run
+            between chunks.
+        tol, patience: converged when `patience` chunks in a row have not lowered the best
+            chunk-mean loss by more than the fraction `tol` of it.
+        min_presence: encoder peaks at least this likely become slots (births from the
+            encoder's half-seen droplets).
+        spare: extra slots for birth proposals, as a fraction of the droplets found (at
+            least `SLOT_BUCKET` / 16).
+        temperature: of the relaxed presence used for rendering.
+        freeze_optics: keep the trained decoder's optics (True) or fine-tune them.
+        threshold: posterior presence needed to report a droplet.
+        birth_snr: a residual blob is proposed when its smoothed squared residual exceeds
+            this many times the image's median squared residual.
+        blur_max: the model blurs its rendering by a Gaussian whose sigma (0 to blur_max
+            px) is fitted to the image: defocus is in every real micrograph and in the
+            simulator's nuisances, and a sharp model of a blurred image drags neighbouring
+            droplets around. 0 turns it off.
+    """
+
+    steps: int = 1000
+    learning_rate: float = 0.02
+    rounds: int = 1
+    chunk: int = 25
+    tol: float = 1e-3
+    patience: int = 3
+    min_presence: float = 0.1
+    spare: float = 0.1
+    temperature: float = 0.5
+    freeze_optics: bool = True
+    threshold: float = 0.5
+    birth_snr: float = 6.0
+    blur_max: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "lr", "must be > 0")
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        _check(self.chunk >= 1, "chunk", "must be >= 1")
+        _check(self.tol >= 0, "tol", "must be >= 0")
+        _check(self.patience >= 1, "patience", "must be >= 1")
+        _check(0 < self.min_presence < 1, "min_presence", "must be in (0, 1)")
+        _check(self.spare >= 0, "spare", "must be >= 0")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
+        _check(self.birth_snr > 0, "birth_snr", "must be > 0")
+        _check(0 <= self.blur_max <= 8, "blur_max", "must be in [0, 8] px")
+
+
+@dataclasses.dataclass
+class RefineResult:
+    """What one refinement produced (coordinates in the input image's pixels).
+
+    Attributes:
+        table: droplet table (predict's columns) of posterior means and standard deviations.
+        start_table: the table refinement started from (predict's answer).
+        recon_before, recon_after: the decoder's renderings of the two tables, (H, W, 3).
+        recon_rmse_before, recon_rmse_after: their RMSE against the image.
+        losses: negative ELBO at every step.
+        steps: steps taken; converged: whether the relative-change test stopped it.
+        births: slots placed by residual proposals; wall_s: seconds; device: where it ran.
+    """
+
+    table: dict[str, np.ndarray]
+    start_table: dict[str, np.ndarray]
+    recon_before: np.ndarray
+    recon_after: np.ndarray
+    recon_rmse_before: float
+    recon_rmse_after: float
+    losses: np.ndarray
+    steps: int
+    converged: bool
+    births: int
+    wall_s: float
+    device: str
+    params: dict = dataclasses.field(repr=False, default_factory=dict)
+    anchor: dict = dataclasses.field(repr=False, default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "recon_rmse_before": round(self.recon_rmse_before, 6),
+            "recon_rmse_after": round(self.recon_rmse_after, 6),
+            "steps": self.steps,
+            "converged": self.converged,
+            "births_proposed": self.births,
+            "count_before": int(len(self.start_table["x"])),
+            "count_after": int(len(self.table["x"])),
+            "final_loss": float(self.losses[-1]) if len(self.losses) else None,
+            "wall_s": round(self.wall_s, 3),
+            "device": self.device,
+        }
+
+
+def pick_device(name: str) -> jax.Device:
+    """`cpu`, `gpu` or `auto` (a GPU when JAX sees one, else the CPU)."""
+    if name not in ("cpu", "gpu", "auto"):
+        raise BadArgument("--device", f"must be cpu, gpu or auto, got {name!r}")
+    if name in ("gpu", "auto"):
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        if gpus:
+            return gpus[0]
+        if name == "gpu":
+            raise BadArgument("--device", "gpu asked for, but JAX sees no GPU (install jax[cuda12])")
+    return jax.devices("cpu")[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Slots: anchors and starting values, from the encoder or from a table
+
+
+def _bucket(n: int) -> int:
+    return max(SLOT_BUCKET, -(-n // SLOT_BUCKET) * SLOT_BUCKET)
+
+
+#: Trust region of refinement around each slot's starting answer: a centre moves at most
+#: max(TRUST_PX, TRUST_RADII * r) px and a radius changes by at most a factor
+#: exp(+-TRUST_LOG_RADIUS). The nearest-droplet compositing gives no gradient for the pixels
+#: a droplet takes from its neighbours, so without bounds a droplet half hidden in a larger
+#: one drifts and grows into it (seen on simulated scenes: radii tripled, centres moved 3 px).
+TRUST_PX, TRUST_RADII, TRUST_LOG_RADIUS = 1.0, 0.1, 0.2
+#: A centre that moved more than this fraction of its trust region's half-width is reported
+#: at its starting place (see `posterior_table`). On a simulated 512 x 384 scene, 15 of 231
+#: droplets ended there; keeping their start cut the position RMSE from 0.40 to 0.28 px.
+PINNED_SHIFT = 0.8
+#: Largest starting logit-scale of a composition (the encoder's scales, converted by the delta
+#: method, reach 5 near 0 or 1; sampling that wide paints random colours and swamps the ELBO).
+MAX_COMP_LOGIT_SCALE = 0.5
+#: The guide's scales start at this fraction of the encoder's. The encoder's are amortized
+#: predictive scales, wide enough for any image it may see; the posterior of one image
+#: under the full likelihood is an order of magnitude tighter, and sampling at the encoder's
+#: width made the first hundred steps paint blurred droplets (the fitted noise doubled and
+#: centres drifted) before Adam had shrunk them.
+INIT_SCALE_FACTOR = 0.1
+
+
+def _anchor(x, y, log_r) -> dict:
+    r = np.exp(log_r)
+    return {"x": x, "y": y, "log_r": log_r,
+            "pos_width": np.maximum(TRUST_PX, TRUST_RADII * r),
+            "log_r_width": np.full_like(log_r, TRUST_LOG_RADIUS)}
+
+
+def _start_values(x, y, x_std, y_std, log_r, log_r_scale, comp, comp_scale, logit) -> tuple[dict, dict]:
+    """(anchor, guide parameter start values), each array with a leading axis of 1 (the crop)."""
+    comp = np.clip(comp, 1e-3, 1 - 1e-3)
+    comp_loc = np.clip(np.log(comp) - np.log1p(-comp), -COMP_LOGIT_LIMIT, COMP_LOGIT_LIMIT)
+    comp_logit_scale = np.clip(comp_scale / (comp * (1 - comp)), MIN_INIT_SCALE["composition"] / INIT_SCALE_FACTOR,
+                               MAX_COMP_LOGIT_SCALE)
+    anchor = _anchor(x, y, log_r)
+    values = {
+        "q_logit": np.where(logit <= ABSENT_LOGIT, ABSENT_LOGIT, np.clip(logit, *INIT_LOGIT_RANGE)),
+        "x_shift": np.zeros_like(x), "y_shift": np.zeros_like(y), "log_radius_shift": np.zeros_like(log_r),
+        "x_scale": np.clip(INIT_SCALE_FACTOR * x_std, MIN_INIT_SCALE["offset"], 0.5 * anchor["pos_width"]),
+        "y_scale": np.clip(INIT_SCALE_FACTOR * y_std, MIN_INIT_SCALE["offset"], 0.5 * anchor["pos_width"]),
+        "log_radius_scale": np.clip(INIT_SCALE_FACTOR * log_r_scale, MIN_INIT_SCALE["log_radius"],
+                                    TRUST_LOG_RADIUS),
+        "comp_loc": comp_loc, "comp_scale": INIT_SCALE_FACTOR * comp_logit_scale,
+    }
+
+    def batch(d):
+        return {k: jnp.asarray(np.asarray(v, np.float32)[None]) for k, v in d.items()}
+
+    return batch(anchor), batch(values)
+
+
+def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: float,
+                       spare: float) -> tuple[dict, dict, Background]:
+    """Anchors and guide start values for every encoder peak with presence >=
+    `min_presence`, plus spare (absent) slots, and the background fitted to the encoder's
+    background map."""
+    h, w = work.shape[:2]
+    z, stats = standardise_np(work)
+    raw = predictor.raw_cells(_pad(z, (aligned(h), aligned(w))))
+    out = decode_outputs(jnp.asarray(raw)[None], jnp.asarray(stats)[None], predictor.n_types,
+                         predictor.run.encoder.stride)
+    p = jax.nn.sigmoid(out.logit)
+    peak = p >= jax.lax.reduce_window(p, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 1, 1), "SAME")
+    n_found = int(jnp.sum(peak & (p >= min_presence)))
+    n_slots = min(_bucket(int(n_found * (1 + spare)) + SLOT_BUCKET // 16), out.logit.size)
+    slots = jax.device_get(candidate_slots(out, n_slots, (h, w)))
+    # What predict reports (a peak's presence summed over its 3 x 3 cells) starts confident:
+    # a relaxed draw leaves out a slot of presence p with probability 1 - p, and at the
+    # encoder's peak values a fifth of the real droplets went missing from each draw, which
+    # doubled the fitted noise before SVI could raise them.
+    one = jax.tree_util.tree_map(lambda a: a[0], out)
+    detected = np.asarray(cell_droplets(one, DEFAULT_THRESHOLD)["detected"]).reshape(-1)[slots["index"][0]]
+    logit = np.where(jax.nn.sigmoid(slots["logit"]) >= min_presence, slots["logit"], ABSENT_LOGIT)
+    logit = np.where(detected[None], np.maximum(logit, DETECTED_LOGIT), logit)
+    anchor, values = _start_values(
+        slots["x"][0], slots["y"][0], slots["x_std"][0], slots["y_std"][0],
+        slots["log_radius"][0], slots["log_radius_scale"][0], slots["composition"][0],
+        slots["composition_scale"][0], logit[0],
+    )
+    bg = fit_background(out, (h, w))
+    return anchor, values, Background(bg.colour[0], bg.illumination[0])
+
+
+def slots_from_table(table: dict[str, np.ndarray], n_types: int, spare: float) -> tuple[dict, dict]:
+    """Anchors and guide start values for the droplets of a table (work-scale px), plus
+    spare slots."""
+    n = len(table["x"])
+    size = _bucket(int(n * (1 + spare)) + SLOT_BUCKET // 16)
+
+    def col(name, fill):
+        v = np.full(size, fill, np.float32)
+        if name in table and n:
+            v[:n] = table[name]
+        return v
+
+    radius = col("radius", 3.0)
+    comp = np.full((size, n_types), 0.5, np.float32)
+    for k in range(n_types):
+        comp[:n, k] = table[f"comp_{k}"]
+    presence = np.clip(col("presence", 0.0), 1e-6, 1 - 1e-6)
+    logit = np.where(np.arange(size) < n, np.log(presence) - np.log1p(-presence), ABSENT_LOGIT)
+    return _start_values(
+        col("x", 0.0), col("y", 0.0), col("x_std", 0.3), col("y_std", 0.3),
+        np.log(radius), col("radius_std", 0.1 * 3.0) / radius, comp,
+        np.full((size, n_types), 0.1, np.float32), logit,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Model and guide
+
+
+def refine_model(images, anchor, **kwargs):
+    """`wake.wake_model` for one image; `anchor` is the guide's (unused here)."""
+    del anchor
+    wake_model(images, **kwargs)
+
+
+def locations(params: dict, anchor: dict) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Guide means of x, y and log r (1, N): each slot's anchor plus its bounded shift."""
+    x = anchor["x"] + anchor["pos_width"] * jnp.tanh(params["x_shift"])
+    y = anchor["y"] + anchor["pos_width"] * jnp.tanh(params["y_shift"])
+    log_r = anchor["log_r"] + anchor["log_r_width"] * jnp.tanh(params["log_radius_shift"])
+    return x, y, log_r
+
+
+def refine_guide(images, anchor, *, n_crops, n_slots, scene, encoder, render_config, wake,
+                 optics_init, start: dict, background: Background):
+    """Mean-field guide with one set of variational parameters per slot (see module notes).
+
+    Same sites and families as `wake.wake_guide`. Locations are the slots' anchors plus
+    bounded shifts (the trust region); `start` and `background` give the starting values.
+    """
+    del n_crops, n_slots, render_config, optics_init  # the model's
+    b, h, w, c = images.shape
+    reach = _reach(encoder)
+    lo, hi = math.log(scene.radius_min), math.log(scene.radius_max)
+    pos = dist.constraints.positive
+    params = {name: numpyro.param(name, start[name]) for name in
+              ("q_logit", "x_shift", "y_shift", "log_radius_shift", "comp_loc")}
+    for name in ("x_scale", "y_scale", "log_radius_scale", "comp_scale"):
+        params[name] = numpyro.param(name, start[name], constraint=pos)
+    x_loc, y_loc, r_loc = locations(params, anchor)
+    colour = numpyro.param(
+        "colour_value",
+        jnp.clip(background.colour, scene.background_min + BACKGROUND_EPS,
+                 scene.background_max - BACKGROUND_EPS)[None],
+        constraint=dist.constraints.interval(scene.background_min, scene.background_max),
+    )
+    illumination = numpyro.param("illumination_value", background.illumination[None])
+    temp = wake.temperature
+    q_logit = params["q_logit"]
+    with numpyro.plate("crops", 1):
+        with handlers.mask(mask=False):  # the relaxed draw only renders (wake module notes)
+            numpyro.sample("presence_logit", dist.Logistic(q_logit / temp, 1.0 / temp).to_event(1))
+        numpyro.sample("presence_q", dist.Delta(q_logit).to_event(1))
+        numpyro.sample("x", dist.TruncatedNormal(x_loc, params["x_scale"], low=-0.5 - reach,
+                                                 high=w - 0.5 + reach).to_event(1))
+        numpyro.sample("y", dist.TruncatedNormal(y_loc, params["y_scale"], low=-0.5 - reach,
+                                                 high=h - 0.5 + reach).to_event(1))
+        numpyro.sample("log_radius", dist.TruncatedNormal(
+            jnp.clip(r_loc, lo, hi), params["log_radius_scale"], low=lo, high=hi).to_event(1))
+        numpyro.sample("composition", dist.TransformedDistribution(
+            dist.Normal(params["comp_loc"], params["comp_scale"]), dist.transforms.SigmoidTransform()
+        ).to_event(2))
+        numpyro.sample("background_colour", dist.Delta(colour).to_event(1))
+        numpyro.sample("illumination", dist.Delta(illumination).to_event(2))
+
+
+def posterior_droplets(params: dict, anchor: dict, threshold: float = 0.5) -> Droplets:
+    """Posterior-mean droplets (one image, no crop axis); presence 1 where >= threshold."""
+    x, y, log_r = locations(params, anchor)
+    presence = (jax.nn.sigmoid(params["q_logit"][0]) >= threshold).astype(jnp.float32)
+    return Droplets(x[0], y[0], jnp.exp(log_r[0]), jax.nn.sigmoid(params["comp_loc"][0]), presence)
+
+
+def posterior_table(params: dict, anchor: dict, shape: tuple[int, int], threshold: float,
+                    scale: float = 1.0) -> dict:
+    """The droplet table (predict's columns) of slots with presence >= threshold centred in
+    the (H, W) work image, mapped to input px by `scale`."""
+    p = {k: np.array(v) for k, v in jax.device_get(params).items()}
+    # A centre pinned at the edge of its trust region is a misfit the model could not
+    # resolve (typically a droplet half hidden by a larger one, or next to one nobody
+    # found), not a refinement: it keeps its starting centre.
+    pinned = np.maximum(np.abs(np.tanh(p["x_shift"])), np.abs(np.tanh(p["y_shift"]))) > PINNED_SHIFT
+    p["x_shift"][pinned] = p["y_shift"][pinned] = 0.0
+    x, y, log_r = (np.asarray(a[0]) for a in jax.device_get(locations(p, anchor)))
+    h, w = shape
+    presence = np.asarray(jax.nn.sigmoid(p["q_logit"][0]))
+    keep = (presence >= threshold) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+    radius = np.exp(log_r)
+    comp = 1 / (1 + np.exp(-np.asarray(p["comp_loc"][0])))
+
+    def to_input(v):
+        return (v + 0.5) * scale - 0.5
+
+    table = {
+        "x": to_input(x[keep]), "y": to_input(y[keep]), "radius": radius[keep] * scale,
+        "presence": presence[keep],
+    }
+    for k in range(comp.shape[-1]):
+        table[f"comp_{k}"] = comp[keep, k]
+    table["x_std"] = np.asarray(p["x_scale"][0])[keep] * scale
+    table["y_std"] = np.asarray(p["y_scale"][0])[keep] * scale
+    table["radius_std"] = radius[keep] * np.asarray(p["log_radius_scale"][0])[keep] * scale
+    order = np.lexsort((table["x"], table["y"]))
+    return {k: np.asarray(v, np.float32)[order] for k, v in table.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Birth proposals
+
+
+#: Blob scales (px, Gaussian sigma) searched in the residual; a disc of radius r matches
+#: sigma ~ r / 1.5.
+BIRTH_SIGMAS = (1.0, 1.6, 2.5, 4.0, 6.5, 10.0, 16.0)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def residual_blobs(residual: jnp.ndarray, n: int) -> tuple[jnp.ndarray, ...]:
+    """The `n` strongest blobs of the squared residual (H, W, C): (x, y, sigma, strength).
+
+    Scale selection as in LoG blob detection, on the residual energy: at each scale, the
+    mean energy in a Gaussian window minus that of a window twice as wide (a difference of
+    Gaussians, so a uniform misfit gives nothing), and each pixel keeps its best scale.
+    Peaks are 5 x 5 local maxima. Strength is relative to the median energy.
+    """
+    energy = jnp.sum(residual**2, axis=-1, keepdims=True)
+    median = jnp.median(energy) + 1e-12
+    blurred = [gaussian_blur(energy, jnp.float32(s), s)[..., 0] for s in BIRTH_SIGMAS]
+    wide = [gaussian_blur(energy, jnp.float32(2 * s), 2 * s)[..., 0] for s in BIRTH_SIGMAS]
+    response = jnp.stack([a - b for a, b in zip(blurred, wide)])  # (S, H, W)
+    best = jnp.argmax(response, axis=0)
+    strength = jnp.take_along_axis(jnp.stack(blurred), best[None], 0)[0] / median
+    score = jnp.max(response, axis=0)
+    peak = score >= jax.lax.reduce_window(score, -jnp.inf, jax.lax.max, (5, 5), (1, 1), "SAME")
+    ranked = jnp.where(peak & (score > 0), strength, 0.0)
+    top, idx = jax.lax.top_k(ranked.reshape(-1), n)
+    h, w = score.shape
+    return (idx % w).astype(jnp.float32), (idx // w).astype(jnp.float32), \
+        jnp.asarray(BIRTH_SIGMAS)[best.reshape(-1)[idx]], top
+
+
+def propose_births(params: dict, anchor: dict, image: np.ndarray, recon: np.ndarray,
+                   config: RefineConfig, radius_range: tuple[float, float]) -> tuple[dict, dict, int]:
+    """Move dead slots (presence < 1 %) onto unexplained residual blobs.
+
+    Returns the new parameters, the new anchors and how many slots were placed.
+    """
+    p = {k: np.array(v) for k, v in jax.device_get(params).items()}
+    a = {k: np.array(v) for k, v in jax.device_get(anchor).items()}
+    presence = 1 / (1 + np.exp(-p["q_logit"][0]))
+    dead = np.flatnonzero(presence < 0.01)
+    if dead.size == 0:
+        return params, anchor, 0
+    bx, by, bs, strength = (np.asarray(v) for v in residual_blobs(jnp.asarray(image - recon), int(min(dead.size, 256))))
+    ok = strength >= config.birth_snr
+    # A blob inside a present droplet is that droplet's misfit (or a droplet hidden in it
+    # that the image cannot pin down), not a new droplet.
+    x, y, log_r = (np.asarray(v[0]) for v in jax.device_get(locations(params, anchor)))
+    live = presence >= config.threshold
+    if live.any():
+        d = np.hypot(bx[:, None] - x[live][None], by[:, None] - y[live][None])
+        ok &= ~np.any(d <= np.exp(log_r[live])[None], axis=1)
+    bx, by, bs = bx[ok], by[ok], bs[ok]
+    k = bx.size
+    if k == 0:
+        return params, anchor, 0
+    slots = dead[:k]
+    log_r = np.log(np.clip(1.5 * bs, *radius_range))
+    born = _anchor(bx, by, log_r)
+    born["pos_width"] = np.maximum(born["pos_width"], 0.5 * np.exp(log_r))  # a rough guess
+    born["log_r_width"][:] = 0.5
+    for name, v in born.items():
+        a[name][0, slots] = v
+    p["q_logit"][0, slots] = BIRTH_LOGIT
+    for name in ("x_shift", "y_shift", "log_radius_shift", "comp_loc"):
+        p[name][0, slots] = 0.0
+    p["x_scale"][0, slots] = p["y_scale"][0, slots] = 0.5
+    p["log_radius_scale"][0, slots] = 0.1
+    p["comp_scale"][0, slots] = MAX_COMP_LOGIT_SCALE
+
+    def back(d):
+        return {name: jnp.asarray(v) for name, v in d.items()}
+
+    return back(p), back(a), k
+
+
+# ---------------------------------------------------------------------------------------
+# SVI
+
+
+def _run_chunk(svi: SVI, state, images, anchor, n: int):
+    def body(s, _):
+        return svi.stable_update(s, images, anchor)
+
+    return jax.lax.scan(body, state, None, length=n)
+
+
+def refine(
+    image: np.ndarray,
+    predictor: Predictor,
+    *,
+    config: RefineConfig = RefineConfig(),
+    scale: float | None = None,
+    device: str = "auto",
+    start_table: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> RefineResult:
+    """Refine one image's droplets by SVI from the encoder's answer.
+
+    Args:
+        image: (H, W, 3) float in [0, 1] (grey (H, W) is expanded).
+        predictor: the trained encoder (its decoder's optics and prior are the model's).
+        config: steps, learning rate, rounds, convergence test and the rest.
+        scale: input px per encoder px, as in `Predictor.predict`.
+        device: cpu, gpu or auto.
+        start_table: start from this table (input px) instead of the encoder's cells, e.g.
+            to refine an edited answer; the background still comes from the encoder.
+        seed: of the ELBO's Monte Carlo draws.
+        progress: show a progress bar with the current loss.
+    """
+    image = check_image(image)
+    scale = 1.0 if scale is None else float(scale)
+    if not (scale > 0 and np.isfinite(scale)):
+        raise BadArgument("--scale", f"must be a positive number, got {scale}")
+    dev = pick_device(device)
+    t0 = time.perf_counter()
+    work = resize(image, scale)
+    h, w = work.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise BadArgument("image", f"{w}x{h} px at scale {scale:g} is smaller than {MIN_SIDE} px")
+    run = predictor.run
+    scene, enc, render_config = run.simulation.scene, run.encoder, run.simulation.render
+    from_encoder = start_table is None
+    if from_encoder:
+        start_table = predictor.predict(image, DEFAULT_THRESHOLD, scale)
+    recon_before = predictor.reconstruct(image, start_table, scale)
+    rmse_before = rmse(image, recon_before)
+    with jax.default_device(dev):
+        anchor, values, background = slots_from_encoder(predictor, work, config.min_presence, config.spare)
+        if not from_encoder:
+            anchor, values = slots_from_table(_work_table(start_table, scale, (h, w), _reach(enc)),
+                                              predictor.n_types, config.spare)
+        optics = jax.tree_util.tree_map(jnp.asarray, predictor.optics)
+        wake = WakeConfig(crop=(max(h, 32), max(w, 32)), batch_size=1, temperature=config.temperature,
+                          border=0, noise_init=max(rmse_before, 1e-3), blur_max=config.blur_max)
+        kwargs = dict(n_crops=1, n_slots=anchor["x"].shape[1], scene=scene, encoder=enc,
+                      render_config=render_config, wake=wake, optics_init=optics)
+        # Hidden from SVI, the optics param keeps its initial value: the trained decoder.
+        model = handlers.block(refine_model, hide=["optics"]) if config.freeze_optics else refine_model
+        guide = functools.partial(refine_guide, start=values, background=background)
+        svi = SVI(model, guide, refine_optimizer(config.learning_rate), Trace_ELBO(), **kwargs)
+        images = jnp.asarray(work)[None]
+        run_chunk = jax.jit(functools.partial(_run_chunk, svi), static_argnums=3)
+        key = jax.random.PRNGKey(seed)
+        state = svi.init(key, images, anchor)
+
+        losses: list[np.ndarray] = []
+        births = 0
+        converged = False
+        per_round = -(-config.steps // config.rounds)
+        bar = tqdm(total=config.steps, desc="refine", unit="step", disable=not progress, leave=False)
+        for r in range(config.rounds):
+            done = sum(len(v) for v in losses)
+            if done >= config.steps:
+                break
+            if r > 0:
+                params = svi.get_params(state)
+                recon = _render_params(params, anchor, optics if config.freeze_optics else params["optics"],
+                                       (h, w), render_config, config.threshold)
+                params, anchor, placed = propose_births(params, anchor, work, recon, config,
+                                                        (scene.radius_min, scene.radius_max))
+                births += placed
+                if placed == 0:
+                    break
+                key, sub = jax.random.split(key)
+                state = svi.init(sub, images, anchor, init_params=params)
+            state, converged = _svi_round(run_chunk, state, images, anchor, min(per_round, config.steps - done),
+                                          config, losses, bar)
+        bar.close()
+        params = jax.device_get(svi.get_params(state))
+        final_optics = optics if config.freeze_optics else params["optics"]
+        table = posterior_table(params, anchor, (h, w), config.threshold, scale)
+        bg = Background(params["colour_value"][0], params["illumination_value"][0])
+        recon_after = _render_table_input(table, bg, final_optics, image, (h, w), scale,
+                                          render_config, predictor.n_types)
+    all_losses = np.concatenate(losses) if losses else np.zeros(0)
+    return RefineResult(
+        table=table, start_table=start_table, recon_before=recon_before, recon_after=recon_after,
+        recon_rmse_before=rmse_before, recon_rmse_after=rmse(image, recon_after),
+        losses=all_losses, steps=int(all_losses.size), converged=converged, births=births,
+        wall_s=time.perf_counter() - t0, device=f"{dev.platform}:{dev.id}", params=params,
+        anchor=jax.device_get(anchor),
+    )
+
+
+#: Presence logits learn this many times faster than the rest: Adam moves each parameter by
+#: about the learning rate per step, and a birth or a death is a change of several logits.
+PRESENCE_LR_FACTOR = 2.0
+
+
+def refine_optimizer(lr: float):
+    """Adam, with the presence logits at `PRESENCE_LR_FACTOR` times the learning rate."""
+
+    def labels(params):
+        return {k: "presence" if k == "q_logit" else "rest" for k in params}
+
+    tx = optax.multi_transform(
+        {"presence": optax.adam(lr * PRESENCE_LR_FACTOR), "rest": optax.adam(lr)}, labels)
+    return numpyro.optim.optax_to_numpyro(tx)
+
+
+def _svi_round(run_chunk, state, images, anchor, budget, config, losses, bar):
+    """SVI steps until `budget` is spent or the loss converges; returns (state, converged).
+
+    Converged: `patience` chunks in a row have not lowered the best chunk-mean loss by more
+    than `tol` of it. (A single-draw ELBO of a whole image is noisy, a few per cent from
+    step to step, so consecutive values are compared through chunk means and a patience.)
+    """
+    best, stale = None, 0
+    used = 0
+    while used < budget:
+        n = min(config.chunk, budget - used)
+        state, chunk_losses = run_chunk(state, images, anchor, n)
+        chunk_losses = np.asarray(chunk_losses)
+        losses.append(chunk_losses)
+        used += n
+        bar.update(n)
+        mean = float(np.mean(chunk_losses))
+        bar.set_postfix(loss=f"{mean:.5g}")
+        if n < config.chunk or not np.isfinite(mean):
+            break
+        if best is None or mean < best - config.tol * abs(best):
+            best, stale = mean, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                return state, True
+    return state, False
+
+
+def _work_table(table: dict, scale: float, shape: tuple[int, int], reach: float) -> dict:
+    """An input-px table in work-scale px, without droplets centred beyond the model's
+    support (the image plus `reach`), which no slot can represent."""
+    h, w = shape
+    out = {**table, "x": (np.asarray(table["x"]) + 0.5) / scale - 0.5,
+           "y": (np.asarray(table["y"]) + 0.5) / scale - 0.5}
+    for col in ("radius", "x_std", "y_std", "radius_std"):
+        if col in table:
+            out[col] = np.asarray(table[col]) / scale
+    inside = ((out["x"] > -0.5 - reach) & (out["x"] < w - 0.5 + reach)
+              & (out["y"] > -0.5 - reach) & (out["y"] < h - 0.5 + reach))
+    return {k: np.asarray(v)[inside] for k, v in out.items()}
+
+
+def _render_params(params, anchor, optics, shape, render_config, threshold) -> np.ndarray:
+    droplets = posterior_droplets(params, anchor, threshold)
+    bg = Background(params["colour_value"][0], params["illumination_value"][0])
+    return np.asarray(jax.nn.sigmoid(render_logits(droplets, optics, bg, shape, render_config)))
+
+
+def _render_table_input(table, background, optics, image, work_shape, scale, render_config,
+                        n_types) -> np.ndarray:
+    """Render an input-px table at the work scale, brought back to the image's size."""
+    h, w = image.shape[:2]
+    work_table = {**table, "x": (table["x"] + 0.5) / scale - 0.5, "y": (table["y"] + 0.5) / scale - 0.5,
+                  "radius": table["radius"] / scale}
+    recon = render_table(work_table, background, optics, work_shape, render_config, n_types)
+    if scale != 1.0:
+        recon = resize(recon, (work_shape[0] / h + work_shape[1] / w) / 2)[:h, :w]
+    return recon
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def refine_files(
+    inputs,
+    out_dir,
+    predictor: Predictor,
+    config: RefineConfig = RefineConfig(),
+    scale: float | None = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+    report=print,
+) -> tuple[int, list]:
+    """Refine every image and write its outputs; returns (images done, errors).
+
+    Per image: `<stem>.csv` (predict's columns: posterior means and standard deviations),
+    `<stem>.recon.png`, `<stem>.residual.png` (0.5 + image - reconstruction),
+    `<stem>.loss.png` and `<stem>.json` (recon_rmse before and after, steps, convergence,
+    wall time, device, and predict's summary of the refined table). A bad input is reported
+    through `report` (one line) and skipped; the rest still run.
+    """
+    from amortize import io
+    from amortize.errors import AmortizeError, BadInput
+    from amortize.plots import line_plot
+    from amortize.predict import collect_images, summary
+
+    out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BadArgument(out, "--out exists and is not a directory")
+    pick_device(device)  # a bad --device fails before any work
+    files, errors = collect_images(inputs)
+    for err in errors:
+        report(f"error: {err}")
+    out.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, pathlib.Path] = {}
+    done = 0
+    for path in files:
+        try:
+            stem = path.stem
+            if stem in seen:
+                raise BadInput(path, f"same output name as {seen[stem]} (rename one of them)")
+            targets = {kind: out / f"{stem}.{kind}" for kind in
+                       ("csv", "recon.png", "residual.png", "loss.png", "json")}
+            if not force:
+                for t in targets.values():
+                    if t.exists():
+                        raise BadInput(t, "exists (use --force to overwrite)")
+            image = io.read_image(path)
+            seen[stem] = path
+            try:
+                result = refine(image, predictor, config=config, scale=scale, device=device,
+                                progress=progress)
+            except BadArgument as err:
+                if err.subject == "image":
+                    raise BadInput(path, err.reason) from None
+                raise
+            meta = summary(result.table, image.shape[:2], predictor.n_types)
+            meta.update(result.summary())
+            meta.update({"image": str(path), "checkpoint": predictor.source,
+                         "checkpoint_step": predictor.step, "scale": scale or 1.0,
+                         "config": dataclasses.asdict(config)})
+            io.write_table(targets["csv"], result.table, force=force)
+            io.write_png(targets["recon.png"], result.recon_after, force=force)
+            io.write_png(targets["residual.png"], np.clip(0.5 + image - result.recon_after, 0, 1), force=force)
+            io.write_png(targets["loss.png"], line_plot(result.losses, f"{stem}: negative ELBO"), force=force)
+            io.write_json(targets["json"], meta, force=force)
+            done += 1
+        except AmortizeError as err:
+            errors.append(err)
+            report(f"error: {err}")
+    return done, errors

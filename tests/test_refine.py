@@ -1,0 +1,145 @@
+"""Per-image SVI refinement on tiny constructed scenes (the tiny untrained model's prior,
+renderer and the built-in optics; tables give the starting answer)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amortize.droplets import Background, Droplets
+from amortize.errors import BadArgument
+from amortize.plots import line_plot
+from amortize.predict import Predictor
+from amortize.refine import RefineConfig, pick_device, refine, residual_blobs
+from amortize.render import render
+
+SHAPE = (48, 48)
+#: Three well-separated droplets and a background colour inside the tiny prior.
+TRUTH = {
+    "x": np.array([12.3, 33.6, 20.2], np.float32),
+    "y": np.array([13.1, 17.4, 34.8], np.float32),
+    "radius": np.array([4.2, 3.6, 4.6], np.float32),
+    "comp": np.array([[0.8, 0.2, 0.3], [0.1, 0.7, 0.5], [0.5, 0.5, 0.9]], np.float32),
+}
+COLOUR = np.array([0.6, 0.55, 0.5], np.float32)
+CONFIG = RefineConfig(steps=300, learning_rate=0.03, chunk=25)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir):
+    return Predictor.load(tiny_model_dir)
+
+
+def scene(predictor, noise: float, seed: int = 0, keep=(0, 1, 2)) -> np.ndarray:
+    keep = list(keep)
+    d = Droplets.from_arrays(TRUTH["x"][keep], TRUTH["y"][keep], TRUTH["radius"][keep], TRUTH["comp"][keep])
+    clean = render(d, predictor.optics, Background.flat(jnp.asarray(COLOUR)), SHAPE,
+                   predictor.run.simulation.render)
+    rng = np.random.default_rng(seed)
+    return np.clip(np.asarray(clean) + noise * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
+
+
+def table(rows=(0, 1, 2), shift=(0.0, 0.0), extra=None) -> dict:
+    rows = list(rows)
+    t = {"x": TRUTH["x"][rows].copy(), "y": TRUTH["y"][rows].copy(), "radius": TRUTH["radius"][rows].copy(),
+         "presence": np.full(len(rows), 0.95, np.float32)}
+    for k in range(3):
+        t[f"comp_{k}"] = TRUTH["comp"][rows, k].copy()
+    t["x"][0] += shift[0]
+    t["y"][0] += shift[1]
+    if extra is not None:
+        for name, value in extra.items():
+            t[name] = np.append(t[name], np.float32(value))
+    return t
+
+
+def nearest(result_table, x, y):
+    d = np.hypot(result_table["x"] - x, result_table["y"] - y)
+    return (float(d.min()) if d.size else np.inf), int(np.argmin(d)) if d.size else -1
+
+
+def test_a_perturbed_droplet_moves_back_towards_the_truth(predictor):
+    image = scene(predictor, noise=0.01)
+    res = refine(image, predictor, config=CONFIG, device="cpu", start_table=table(shift=(0.4, -0.3)))
+    before = np.hypot(0.4, 0.3)
+    after, _ = nearest(res.table, TRUTH["x"][0], TRUTH["y"][0])
+    assert after < 0.3 * before, (before, after)
+    assert len(res.table["x"]) == 3
+    assert res.recon_rmse_after < res.recon_rmse_before
+    assert np.all(np.isfinite(res.losses))
+
+
+def test_a_spurious_droplet_is_removed_and_a_missed_one_added(predictor):
+    image = scene(predictor, noise=0.01)
+    # Start without droplet 2 and with a false one in an empty corner.
+    start = table(rows=(0, 1), extra={"x": 40.0, "y": 40.0, "radius": 3.5, "presence": 0.9,
+                                      "comp_0": 0.5, "comp_1": 0.5, "comp_2": 0.5})
+    config = dataclasses.replace(CONFIG, rounds=2, steps=400)
+    res = refine(image, predictor, config=config, device="cpu", start_table=start)
+    assert res.births >= 1
+    found, _ = nearest(res.table, TRUTH["x"][2], TRUTH["y"][2])
+    assert found < 1.5, res.table
+    spurious, _ = nearest(res.table, 40.0, 40.0)
+    assert spurious > 3.0, res.table
+    assert len(res.table["x"]) == 3
+
+
+def test_posterior_sds_are_positive_and_shrink_as_the_noise_falls(predictor):
+    sds = []
+    for noise in (0.06, 0.01):
+        res = refine(scene(predictor, noise=noise, seed=1), predictor, config=CONFIG, device="cpu",
+                     start_table=table())
+        for col in ("x_std", "y_std", "radius_std"):
+            assert np.all(res.table[col] > 0), col
+        sds.append(np.mean(res.table["x_std"] + res.table["y_std"]))
+    assert sds[1] < 0.6 * sds[0], sds
+
+
+def test_early_stopping_on_a_converged_problem(predictor):
+    config = dataclasses.replace(CONFIG, steps=1000, tol=1e-2, patience=2)
+    res = refine(scene(predictor, noise=0.01), predictor, config=config, device="cpu", start_table=table())
+    assert res.converged
+    assert res.steps < 1000
+    assert res.summary()["converged"] is True and res.summary()["steps"] == res.steps
+
+
+def test_frozen_optics_are_not_learned_unless_asked(predictor):
+    image = scene(predictor, noise=0.01)
+    short = dataclasses.replace(CONFIG, steps=25)
+    frozen = refine(image, predictor, config=short, device="cpu", start_table=table())
+    assert "optics" not in frozen.params
+    tuned = refine(image, predictor, config=dataclasses.replace(short, freeze_optics=False), device="cpu",
+                   start_table=table())
+    before = jax.tree_util.tree_leaves(predictor.optics)
+    after = jax.tree_util.tree_leaves(tuned.params["optics"])
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_residual_blobs_find_a_disc_and_its_scale():
+    yy, xx = np.mgrid[0:64, 0:64]
+    residual = np.zeros((64, 64, 3), np.float32)
+    residual[np.hypot(xx - 40, yy - 21) <= 5] = 0.2
+    x, y, sigma, strength = (np.asarray(a) for a in residual_blobs(jnp.asarray(residual), 3))
+    assert abs(x[0] - 40) <= 1 and abs(y[0] - 21) <= 1
+    assert 2.0 <= 1.5 * sigma[0] <= 8.0
+    assert strength[0] > strength[1]
+
+
+def test_bad_arguments_are_clear(predictor):
+    with pytest.raises(BadArgument, match="steps"):
+        RefineConfig(steps=0)
+    with pytest.raises(BadArgument, match="--device"):
+        pick_device("tpu")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        with pytest.raises(BadArgument, match="no GPU"):
+            pick_device("gpu")
+    assert pick_device("auto").platform in ("cpu", "gpu")
+    with pytest.raises(BadArgument, match="smaller than"):
+        refine(np.zeros((20, 20, 3), np.float32), predictor, device="cpu")
+
+
+def test_loss_plot_is_an_image():
+    img = line_plot(np.array([3.0, 2.0, np.nan, 1.5]), "loss")
+    assert img.shape == (400, 640, 3) and img.min() < 0.5 and img.max() == 1.0
