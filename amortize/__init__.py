@@ -10,6 +10,7 @@ from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.model import droplet_model
 from amortize.optics import default_optics_params
 from amortize.predict import Predictor
+from amortize.refinement import RefineConfig, refine
 from amortize.render import render
 from amortize.simulate import Simulation, simulate, write_simulation
 
@@ -23,12 +24,14 @@ __all__ = [
     "Droplets",
     "NuisanceConfig",
     "Predictor",
+    "RefineConfig",
     "RenderConfig",
     "SceneConfig",
     "Simulation",
     "SimulationConfig",
     "default_optics_params",
     "droplet_model",
+    "refine",
     "render",
     "simulate",
     "to_table",

@@ -266,3 +266,95 @@ def run_wake_bench(steps: int = 10, quick: bool = False, checkpoint: str | None 
 
 def _default_recipe() -> str:
     return str(pathlib.Path(__file__).resolve().parent.parent / "train" / "default.toml")
+
+
+def _smoothed(losses: np.ndarray, window: int = 25) -> np.ndarray:
+    """Running median of the last `window` losses (the single-draw ELBO is noisy)."""
+    out = np.empty(len(losses))
+    for i in range(len(losses)):  # a few thousand values, once per bench
+        out[i] = np.median(losses[max(0, i - window + 1) : i + 1])
+    return out
+
+
+def _svi_curve(solver_fns, args, init_params, steps: int, chunk: int, key) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step losses of one SVI run, and the seconds spent up to each step (chunks are
+    timed; each step is charged its chunk's mean)."""
+    _, init, run = solver_fns
+    state = init(key, *args, init_params=init_params)
+    losses, seconds = [], []
+    elapsed = 0.0
+    for _ in range(-(-steps // chunk)):
+        start = time.perf_counter()
+        state, chunk_losses = run(state, args, chunk)
+        chunk_losses = np.asarray(chunk_losses)
+        took = time.perf_counter() - start
+        losses.append(chunk_losses)
+        seconds.append(elapsed + took * np.arange(1, chunk + 1) / chunk)
+        elapsed += took
+    return np.concatenate(losses)[:steps], np.concatenate(seconds)[:steps]
+
+
+def run_refine_bench(checkpoint: str | None = None, size: tuple[int, int] = (256, 192),
+                     encoder_steps: int = 300, prior_steps: int = 3000, quick: bool = False,
+                     seed: int = 20261121) -> list[dict]:
+    """`amortize bench refine`: time to quality of SVI from the encoder's answer against SVI
+    from the prior (the original notebooks' start: fixed slots, random initialisation), on
+    the same simulated image, with the same model, guide family, slot count and optimiser.
+
+    The quality mark is the loss (running median of 25 steps) that the encoder start reaches
+    at the end of its run; the record says after how many steps and seconds (compile
+    excluded) each start first reaches it, or that the prior start never did.
+    """
+    from amortize.predict import Predictor
+    from amortize.refinement import RefineConfig, prior_start, slots_from_encoder, solver
+    from amortize.simulate import iter_simulation
+    from amortize.wake import WakeConfig
+
+    if quick:
+        size, encoder_steps, prior_steps = (64, 48), 25, 50
+    predictor = Predictor.load(checkpoint)
+    run = predictor.run
+    scene = run.simulation.scene
+    image = next(iter_simulation(1, size, seed, run.simulation, predictor.optics))[1]
+    h, w = image.shape[:2]
+    config = RefineConfig()
+    table = predictor.predict(image)
+    from amortize.reconstruct import rmse
+
+    noise = max(rmse(image, predictor.reconstruct(image, table)), 1e-3)
+    anchor, values, background = slots_from_encoder(predictor, image, config.min_presence, config.spare)
+    n_slots = anchor["x"].shape[1]
+    wake = WakeConfig(crop=(max(h, 32), max(w, 32)), batch_size=1, temperature=config.temperature,
+                      border=0, blur_max=config.blur_max)
+    fns = solver(n_slots, scene, run.encoder, run.simulation.render, wake, config.freeze_optics,
+                 config.learning_rate)
+    optics = jax.tree_util.tree_map(jnp.asarray, predictor.optics)
+    images = jnp.asarray(image)[None]
+    init_params = {"log_noise": jnp.log(jnp.float32(noise))}
+    p_anchor, p_values = prior_start(n_slots, (h, w), scene, predictor.n_types)
+    starts = {"encoder": (anchor, values, encoder_steps), "prior": (p_anchor, p_values, prior_steps)}
+    # Compile (both starts share the program), then time.
+    for a, v, _ in starts.values():
+        _svi_curve(fns, (images, a, v, background, optics), init_params, config.chunk, config.chunk,
+                   jax.random.PRNGKey(0))
+    curves = {}
+    for name, (a, v, steps) in starts.items():
+        losses, seconds = _svi_curve(fns, (images, a, v, background, optics), init_params, steps,
+                                     config.chunk, jax.random.PRNGKey(1))
+        curves[name] = (_smoothed(losses), seconds)
+    target = float(curves["encoder"][0][-1])
+    record = {"name": "refine_time_to_quality", "image": [w, h], "slots": n_slots,
+              "target_loss": round(target, 1), "device": jax.devices()[0].platform}
+    for name, (smooth, seconds) in curves.items():
+        hit = np.flatnonzero(smooth <= target)
+        record[f"{name}_steps_run"] = int(len(smooth))
+        record[f"{name}_best_loss"] = round(float(smooth.min()), 1)
+        record[f"{name}_steps_to_target"] = int(hit[0] + 1) if hit.size else None
+        record[f"{name}_seconds_to_target"] = round(float(seconds[hit[0]]), 2) if hit.size else None
+        record[f"{name}_ms_per_step"] = round(1e3 * float(seconds[-1]) / len(smooth), 1)
+    if record["prior_steps_to_target"] is None:
+        record["speedup_steps"] = f"> {prior_steps / record['encoder_steps_to_target']:.0f}x (prior start never reached the target)"
+    else:
+        record["speedup_steps"] = round(record["prior_steps_to_target"] / record["encoder_steps_to_target"], 1)
+        record["speedup_seconds"] = round(record["prior_seconds_to_target"] / record["encoder_seconds_to_target"], 1)
+    return [_emit(record)]

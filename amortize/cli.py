@@ -134,7 +134,7 @@ def cmd_predict(args) -> int:
 
 def cmd_refine(args) -> int:
     from amortize.predict import Predictor
-    from amortize.refine import RefineConfig, pick_device, refine_files
+    from amortize.refinement import RefineConfig, pick_device, refine_files
 
     defaults = RefineConfig()
     config = RefineConfig(
@@ -179,6 +179,8 @@ def cmd_bench(args) -> int:
         bench.run_predict_bench(args.checkpoint, quick=args.quick)
     elif args.what == "train":
         bench.run_train_bench(args.config, quick=args.quick)
+    elif args.what == "refine":
+        bench.run_refine_bench(args.checkpoint, quick=args.quick)
     return 0
 
 
@@ -260,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="measure speed (prints JSON lines)")
-    bench.add_argument("what", choices=["render", "predict", "train"])
+    bench.add_argument("what", choices=["render", "predict", "train", "refine"])
     bench.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    bench.add_argument("--checkpoint", help="predict: model to time (default: the shipped one)")
+    bench.add_argument("--checkpoint", help="predict, refine: model to time (default: the shipped one)")
     bench.add_argument("--config", help="train: recipe to time (default: train/default.toml)")
     bench.set_defaults(run=cmd_bench)
     return parser

@@ -165,6 +165,44 @@ def test_predict_bad_threshold_exit_2(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir, tiny_sim):
+    from amortize.simulate import simulate
+
+    good = tmp_path / "good.png"
+    io.write_png(good, simulate(1, (48, 40), seed=4, config=tiny_sim).images[0])
+    (tmp_path / "zero.png").write_bytes(b"")
+    out = tmp_path / "refined"
+    args = ["--out", str(out), "--checkpoint", str(tiny_model_dir), "--steps", "10", "--device", "cpu"]
+    res = run("refine", str(good), str(tmp_path / "zero.png"), *args, "--quiet")
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "zero.png" in errors[0] and "Traceback" not in res.stderr
+    for suffix in ("csv", "recon.png", "residual.png", "loss.png", "json"):
+        assert (out / f"good.{suffix}").exists(), suffix
+    table = io.read_table(out / "good.csv")
+    assert list(table) == ["x", "y", "radius", "presence", "comp_0", "comp_1", "comp_2",
+                           "x_std", "y_std", "radius_std"]
+    meta = json.loads((out / "good.json").read_text())
+    assert meta["steps"] == 10 and meta["device"].startswith("cpu")
+    assert {"recon_rmse_before", "recon_rmse_after", "wall_s", "converged"} <= set(meta)
+    assert io.read_image(out / "good.recon.png").shape == (40, 48, 3)
+    # Existing outputs are kept unless --force.
+    before = (out / "good.csv").read_bytes()
+    res = run("refine", str(good), *args, "--quiet")
+    assert res.returncode == 1 and "--force" in res.stderr
+    assert (out / "good.csv").read_bytes() == before
+    res = run("refine", str(good), *args, "--quiet", "--force", "--no-freeze-optics")
+    assert res.returncode == 0, res.stderr
+
+
+def test_refine_bad_device_and_steps_exit_2(tmp_path):
+    res = run("refine", "x.png", "--out", str(tmp_path / "o"), "--device", "tpu")
+    assert res.returncode == 2 and "--device" in res.stderr and "Traceback" not in res.stderr
+    res = run("refine", "x.png", "--out", str(tmp_path / "o"), "--steps", "0")
+    assert res.returncode == 2 and "steps" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_bench_predict_and_train_quick(tiny_model_dir):
     res = run("bench", "predict", "--quick", "--checkpoint", str(tiny_model_dir))
     assert res.returncode == 0, res.stderr
@@ -175,6 +213,10 @@ def test_bench_predict_and_train_quick(tiny_model_dir):
     records = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["name"] for r in records] == ["train_step", "wake_step"]
     assert records[0]["scenes_per_second"] > 0 and records[1]["crops_per_second"] > 0
+    res = run("bench", "refine", "--quick", "--checkpoint", str(tiny_model_dir))
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout.splitlines()[-1])
+    assert record["name"] == "refine_time_to_quality" and record["encoder_steps_to_target"] >= 1
 
 
 def test_train_with_data_adapts_and_predict_writes_reconstructions(tmp_path, tiny_model_dir, tiny_sim):

@@ -12,7 +12,7 @@ from amortize.droplets import Background, Droplets
 from amortize.errors import BadArgument
 from amortize.plots import line_plot
 from amortize.predict import Predictor
-from amortize.refine import RefineConfig, pick_device, refine, residual_blobs
+from amortize.refinement import RefineConfig, pick_device, refine, residual_blobs
 from amortize.render import render
 
 SHAPE = (48, 48)
