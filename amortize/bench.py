@@ -301,7 +301,9 @@ def run_refine_bench(checkpoint: str | None = None, size: tuple[int, int] = (256
     from the prior (the original notebooks' start: fixed slots, random initialisation), on
     the same simulated image, with the same model, guide family, slot count and optimiser.
 
-    The quality mark is the loss (running median of 25 steps) that the encoder start reaches
+    Both starts use the encoder's background estimate and the pixel noise of its
+    reconstruction (the notebooks started those from the prior too), so the baseline is, if
+    anything, favoured. The quality mark is the loss (running median of 25 steps) that the encoder start reaches
     at the end of its run; the record says after how many steps and seconds (compile
     excluded) each start first reaches it, or that the prior start never did.
     """

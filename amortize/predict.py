@@ -224,10 +224,8 @@ class Predictor:
                       "radius": np.asarray(table["radius"]) / scale}
         recon = render_table(work_table, background, self.optics, (h, w),
                              self.run.simulation.render, self.n_types)
-        if scale != 1.0:
-            recon = resize(recon, (h / image.shape[0] + w / image.shape[1]) / 2)
-            recon = recon[: image.shape[0], : image.shape[1]]
-        return recon
+        # Exactly the input's size: a ratio can round a pixel short on odd sizes.
+        return resize_to(recon, image.shape[:2])
 
     def predict_batch(self, images: list[np.ndarray], threshold: float = DEFAULT_THRESHOLD,
                       scale: float | None = None) -> list[dict[str, np.ndarray]]:
@@ -274,9 +272,19 @@ def resize(image: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1.0:
         return image
     h, w = image.shape[:2]
-    size = (max(1, round(w / scale)), max(1, round(h / scale)))
+    return resize_to(image, (max(1, round(h / scale)), max(1, round(w / scale))))
+
+
+def resize_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, C) image to exactly `shape` (H, W): area averaging when shrinking,
+    bilinear when enlarging."""
+    h, w = image.shape[:2]
+    if (h, w) == tuple(shape):
+        return image
+    shrink = shape[0] * shape[1] < h * w
     channels = [
-        np.asarray(Image.fromarray(image[..., c]).resize(size, Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR))
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+            (shape[1], shape[0]), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR))
         for c in range(image.shape[-1])
     ]
     return np.stack(channels, axis=-1).astype(np.float32)

@@ -44,9 +44,11 @@ from amortize.config import _check
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets
 from amortize.droplets import Background, Droplets
 from amortize.encoder import decode_outputs
-from amortize.errors import BadArgument
+from amortize.errors import AmortizeError, BadArgument
 from amortize.nuisance import gaussian_blur
-from amortize.predict import MIN_SIDE, Predictor, _pad, aligned, check_image, resize, standardise_np
+from amortize.predict import (
+    MIN_SIDE, Predictor, _pad, aligned, check_image, resize, resize_to, standardise_np,
+)
 from amortize.reconstruct import SLOT_BUCKET, render_table, rmse
 from amortize.render import render_logits
 from amortize.wake import (
@@ -60,6 +62,8 @@ from amortize.wake import (
 #: they took pixels from real droplets to fit blur the model does not have (simulated
 #: scenes: 40 false droplets per 512 x 384 image).
 INIT_LOGIT_RANGE = (-6.0, 8.0)
+#: Largest blur (px) the model may fit; `_blurred` uses it as the kernel's static support.
+BLUR_MAX_PX = 8.0
 #: Starting presence logit of the droplets predict reports (see `slots_from_encoder`).
 DETECTED_LOGIT = 6.0
 #: Presence of a slot placed by a birth proposal: undecided, for SVI to settle.
@@ -124,7 +128,7 @@ class RefineConfig:
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
         _check(self.birth_snr > 0, "birth_snr", "must be > 0")
-        _check(0 <= self.blur_max <= 8, "blur_max", "must be in [0, 8] px")
+        _check(0 <= self.blur_max <= BLUR_MAX_PX, "blur_max", f"must be in [0, {BLUR_MAX_PX}] px")
 
 
 @dataclasses.dataclass
@@ -132,7 +136,8 @@ class RefineResult:
     """What one refinement produced (coordinates in the input image's pixels).
 
     Attributes:
-        table: droplet table (predict's columns) of posterior means and standard deviations.
+        table: droplet table (predict's columns): posterior medians (centres that ran into
+            their trust region's edge keep their start) and posterior standard deviations.
         start_table: the table refinement started from (predict's answer).
         recon_before, recon_after: the decoder's renderings of the two tables, (H, W, 3).
         recon_rmse_before, recon_rmse_after: their RMSE against the image.
@@ -278,15 +283,17 @@ def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: flo
                          predictor.run.encoder.stride)
     p = jax.nn.sigmoid(out.logit)
     peak = p >= jax.lax.reduce_window(p, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 1, 1), "SAME")
-    n_found = int(jnp.sum(peak & (p >= min_presence)))
+    one = jax.tree_util.tree_map(lambda a: a[0], out)
+    # Predict also reports confident cells that are not 3 x 3 peaks; they are slots too.
+    reported = cell_droplets(one, DEFAULT_THRESHOLD)["detected"][None]
+    n_found = int(jnp.sum((peak & (p >= min_presence)) | reported))
     n_slots = min(_bucket(int(n_found * (1 + spare)) + SLOT_BUCKET // 16), out.logit.size)
-    slots = jax.device_get(candidate_slots(out, n_slots, (h, w)))
+    slots = jax.device_get(candidate_slots(out, n_slots, (h, w), include=reported))
     # What predict reports (a peak's presence summed over its 3 x 3 cells) starts confident:
     # a relaxed draw leaves out a slot of presence p with probability 1 - p, and at the
     # encoder's peak values a fifth of the real droplets went missing from each draw, which
     # doubled the fitted noise before SVI could raise them.
-    one = jax.tree_util.tree_map(lambda a: a[0], out)
-    detected = np.asarray(cell_droplets(one, DEFAULT_THRESHOLD)["detected"]).reshape(-1)[slots["index"][0]]
+    detected = np.asarray(reported[0]).reshape(-1)[slots["index"][0]]
     logit = np.where(jax.nn.sigmoid(slots["logit"]) >= min_presence, slots["logit"], ABSENT_LOGIT)
     logit = np.where(detected[None], np.maximum(logit, DETECTED_LOGIT), logit)
     anchor, values = _start_values(
@@ -298,9 +305,24 @@ def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: flo
     return anchor, values, Background(bg.colour[0], bg.illumination[0])
 
 
+def check_start_table(table: dict, n_types: int) -> None:
+    """Raise BadArgument unless `table` has predict's columns, finite centres and radii > 0."""
+    need = ["x", "y", "radius"] + [f"comp_{k}" for k in range(n_types)]
+    missing = [c for c in need if c not in table]
+    if missing:
+        raise BadArgument("start_table", f"missing column(s) {', '.join(missing)}")
+    n = len(table["x"])
+    if any(len(table[c]) != n for c in need):
+        raise BadArgument("start_table", "columns of different lengths")
+    if n and not (np.all(np.isfinite(table["x"])) and np.all(np.isfinite(table["y"]))
+                  and np.all(np.asarray(table["radius"]) > 0)):
+        raise BadArgument("start_table", "centres must be finite and radii > 0")
+
+
 def slots_from_table(table: dict[str, np.ndarray], n_types: int, spare: float) -> tuple[dict, dict]:
     """Anchors and guide start values for the droplets of a table (work-scale px), plus
     spare slots."""
+    check_start_table(table, n_types)
     n = len(table["x"])
     size = _bucket(int(n * (1 + spare)) + SLOT_BUCKET // 16)
 
@@ -575,6 +597,8 @@ def refine(
     run = predictor.run
     scene, enc, render_config = run.simulation.scene, run.encoder, run.simulation.render
     from_encoder = start_table is None
+    if not from_encoder:
+        check_start_table(start_table, predictor.n_types)
     if from_encoder:
         start_table = predictor.predict(image, DEFAULT_THRESHOLD, scale)
     recon_before = predictor.reconstruct(image, start_table, scale)
@@ -598,7 +622,6 @@ def refine(
         losses: list[np.ndarray] = []
         births = 0
         converged = False
-        per_round = -(-config.steps // config.rounds)
         bar = tqdm(total=config.steps, desc="refine", unit="step", disable=not progress, leave=False)
         for r in range(config.rounds):
             done = sum(len(v) for v in losses)
@@ -615,15 +638,17 @@ def refine(
                     break
                 key, sub = jax.random.split(key)
                 state = svi_init(sub, images, anchor, values, background, optics, init_params=params)
+            # Steps a round leaves unused pass on to the next ones.
+            budget = (config.steps - done) // (config.rounds - r)
             state, converged = _svi_round(run_chunk, state, (images, anchor, values, background, optics),
-                                          min(per_round, config.steps - done), config, losses, bar)
+                                          budget, config, losses, bar)
         bar.close()
         params = jax.device_get(svi.get_params(state))
         final_optics = optics if config.freeze_optics else params["optics"]
         table = posterior_table(params, anchor, (h, w), config.threshold, scale)
         bg = Background(params["colour_value"][0], params["illumination_value"][0])
-        recon_after = _render_table_input(table, bg, final_optics, image, (h, w), scale,
-                                          render_config, predictor.n_types)
+        recon_after = _render_table_input(table, bg, final_optics, params.get("blur_sigma"), image,
+                                          (h, w), scale, render_config, predictor.n_types)
     all_losses = np.concatenate(losses) if losses else np.zeros(0)
     return RefineResult(
         table=table, start_table=start_table, recon_before=recon_before, recon_after=recon_after,
@@ -676,9 +701,14 @@ def _svi_round(run_chunk, state, args, budget, config, losses, bar):
         losses.append(chunk_losses)
         used += n
         bar.update(n)
-        mean = float(np.mean(chunk_losses))
+        finite = np.isfinite(chunk_losses)
+        if not finite.any():
+            raise AmortizeError("refine", f"the loss was not finite for {n} steps in a row "
+                                          "(SVI diverged; try a lower --lr)")
+        # `stable_update` skips a step whose loss is not finite but still returns it.
+        mean = float(np.mean(chunk_losses[finite]))
         bar.set_postfix(loss=f"{mean:.5g}")
-        if n < config.chunk or not np.isfinite(mean):
+        if n < config.chunk:
             break
         if best is None or mean < best - config.tol * abs(best):
             best, stale = mean, 0
@@ -706,19 +736,25 @@ def _work_table(table: dict, scale: float, shape: tuple[int, int], reach: float)
 def _render_params(params, anchor, optics, shape, render_config, threshold) -> np.ndarray:
     droplets = posterior_droplets(params, anchor, threshold)
     bg = Background(params["colour_value"][0], params["illumination_value"][0])
-    return np.asarray(jax.nn.sigmoid(render_logits(droplets, optics, bg, shape, render_config)))
+    recon = np.asarray(jax.nn.sigmoid(render_logits(droplets, optics, bg, shape, render_config)))
+    return _blurred(recon, params.get("blur_sigma"))
 
 
-def _render_table_input(table, background, optics, image, work_shape, scale, render_config,
+def _render_table_input(table, background, optics, blur, image, work_shape, scale, render_config,
                         n_types) -> np.ndarray:
-    """Render an input-px table at the work scale, brought back to the image's size."""
-    h, w = image.shape[:2]
+    """Render an input-px table at the work scale with the fitted blur, brought back to the
+    image's exact size."""
     work_table = {**table, "x": (table["x"] + 0.5) / scale - 0.5, "y": (table["y"] + 0.5) / scale - 0.5,
                   "radius": table["radius"] / scale}
     recon = render_table(work_table, background, optics, work_shape, render_config, n_types)
-    if scale != 1.0:
-        recon = resize(recon, (work_shape[0] / h + work_shape[1] / w) / 2)[:h, :w]
-    return recon
+    return resize_to(_blurred(recon, blur), image.shape[:2])
+
+
+def _blurred(image: np.ndarray, sigma) -> np.ndarray:
+    """The model's blur (`blur_sigma`, px) applied to a rendering, as in `wake_model`."""
+    if sigma is None:
+        return image
+    return np.asarray(gaussian_blur(jnp.asarray(image), jnp.float32(sigma), BLUR_MAX_PX))
 
 
 # ---------------------------------------------------------------------------------------
@@ -738,7 +774,8 @@ def refine_files(
 ) -> tuple[int, list]:
     """Refine every image and write its outputs; returns (images done, errors).
 
-    Per image: `<stem>.csv` (predict's columns: posterior means and standard deviations),
+    Per image: `<stem>.csv` (predict's columns: posterior centre means, radius and
+    composition medians, and standard deviations),
     `<stem>.recon.png`, `<stem>.residual.png` (0.5 + image - reconstruction),
     `<stem>.loss.png` and `<stem>.json` (recon_rmse before and after, steps, convergence,
     wall time, device, and predict's summary of the refined table). A bad input is reported

@@ -135,7 +135,8 @@ def interior_mask(crop: tuple[int, int], border: int) -> np.ndarray:
 # From cell outputs to slots and background
 
 
-def candidate_slots(out: CellOutputs, n_slots: int, shape: tuple[int, int]) -> dict[str, jnp.ndarray]:
+def candidate_slots(out: CellOutputs, n_slots: int, shape: tuple[int, int],
+                    include: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
     """The `n_slots` local maxima of presence with the highest logits, per crop; each value
     (B, N[, K]).
 
@@ -143,12 +144,13 @@ def candidate_slots(out: CellOutputs, n_slots: int, shape: tuple[int, int]) -> d
     `detect`. Otherwise the ELBO can paint one blurred droplet with two or three concentric
     slots from neighbouring cells (the nearest-droplet compositing makes a soft edge out of
     them), which our first run on real images did: the encoder's count rose tenfold. Cells
-    centred outside the crop are never candidates.
+    centred outside the crop are never candidates. `include` (B, Hc, Wc) marks more cells to
+    rank with the peaks (refinement adds the cells predict reports).
     """
     b, hc, wc = out.logit.shape
     valid = cell_mask((hc, wc), out.stride, shape)
     peak = out.logit >= jax.lax.reduce_window(out.logit, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 1, 1), "SAME")
-    usable = valid[None] & peak
+    usable = valid[None] & (peak if include is None else peak | include)
     # Peaks first; if a crop has fewer peaks than slots, the rest are filled and kept absent.
     rank = jnp.where(usable, out.logit, jnp.where(valid[None], out.logit - 1e3, -1e4))
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(rank).reshape(b, hc * wc), n_slots)

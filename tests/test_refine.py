@@ -143,3 +143,30 @@ def test_bad_arguments_are_clear(predictor):
 def test_loss_plot_is_an_image():
     img = line_plot(np.array([3.0, 2.0, np.nan, 1.5]), "loss")
     assert img.shape == (400, 640, 3) and img.min() < 0.5 and img.max() == 1.0
+
+
+def test_scale_maps_back_to_the_input_pixels_on_odd_sizes(predictor):
+    # An odd-size image refined at scale 2 (work image 25 x 26, too small) must fail
+    # cleanly; at scale 0.5 (an enlarged copy) the outputs come back at the input's size
+    # and in its pixels.
+    image = scene(predictor, noise=0.01)[:47, :45]
+    with pytest.raises(BadArgument, match="smaller than"):
+        refine(image, predictor, scale=2.0, device="cpu")
+    short = dataclasses.replace(CONFIG, steps=25)
+    res = refine(image, predictor, config=short, scale=0.5, device="cpu", start_table=table())
+    assert res.recon_before.shape == res.recon_after.shape == image.shape
+    found, _ = nearest(res.table, TRUTH["x"][0], TRUTH["y"][0])
+    assert found < 0.5
+    assert np.all(res.table["radius"] > 2.5)  # input px, not enlarged px (radii 3.6-4.6)
+
+
+def test_a_bad_start_table_is_a_clear_error(predictor):
+    image = scene(predictor, noise=0.01)
+    bad = table()
+    del bad["comp_1"]
+    with pytest.raises(BadArgument, match="comp_1"):
+        refine(image, predictor, device="cpu", start_table=bad)
+    bad = table()
+    bad["radius"][0] = 0.0
+    with pytest.raises(BadArgument, match="radii"):
+        refine(image, predictor, device="cpu", start_table=bad)
