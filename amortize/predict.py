@@ -335,6 +335,21 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[pathlib.Pa
     return files, errors
 
 
+def output_targets(path: pathlib.Path, out: pathlib.Path, kinds: list[str],
+                   seen: dict[str, pathlib.Path], force: bool) -> dict[str, pathlib.Path]:
+    """`out/<stem>.<kind>` for each kind, after checking that no earlier input of this run
+    has the same stem and, without `force`, that none of them exists yet."""
+    stem = path.stem
+    if stem in seen:
+        raise BadInput(path, f"same output name as {seen[stem]} (rename one of them)")
+    targets = {kind: out / f"{stem}.{kind}" for kind in kinds}
+    if not force:
+        for t in targets.values():
+            if t.exists():
+                raise BadInput(t, "exists (use --force to overwrite)")
+    return targets
+
+
 def predict_files(
     inputs: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -407,18 +422,10 @@ def predict_files(
     bar = tqdm(files, desc="predict", unit="img", disable=not progress or len(files) < 2, leave=False)
     for path in bar:
         try:
-            stem = path.stem
-            if stem in seen:
-                raise BadInput(path, f"same output name as {seen[stem]} (rename one of them)")
-            targets = [out / f"{stem}.csv", out / f"{stem}.overlay.png", out / f"{stem}.json"]
-            if reconstruction:
-                targets += [out / f"{stem}.recon.png", out / f"{stem}.residual.png"]
-            if not force:
-                for t in targets:
-                    if t.exists():
-                        raise BadInput(t, "exists (use --force to overwrite)")
+            kinds = ["csv", "overlay.png", "json"] + (["recon.png", "residual.png"] if reconstruction else [])
+            targets = list(output_targets(path, out, kinds, seen, force).values())
             image = io.read_image(path)
-            seen[stem] = path
+            seen[path.stem] = path
         except AmortizeError as err:
             fail(path, err)
             continue

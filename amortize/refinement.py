@@ -597,18 +597,21 @@ def refine(
     run = predictor.run
     scene, enc, render_config = run.simulation.scene, run.encoder, run.simulation.render
     from_encoder = start_table is None
-    if not from_encoder:
-        check_start_table(start_table, predictor.n_types)
     if from_encoder:
         start_table = predictor.predict(image, DEFAULT_THRESHOLD, scale)
-    recon_before = predictor.reconstruct(image, start_table, scale)
-    rmse_before = rmse(image, recon_before)
+    else:
+        check_start_table(start_table, predictor.n_types)
     with jax.default_device(dev):
         anchor, values, background = slots_from_encoder(predictor, work, config.min_presence, config.spare)
         if not from_encoder:
             anchor, values = slots_from_table(_work_table(start_table, scale, (h, w), _reach(enc)),
                                               predictor.n_types, config.spare)
         optics = jax.tree_util.tree_map(jnp.asarray, predictor.optics)
+        # What `Predictor.reconstruct` draws (same background fit, optics and resizing),
+        # without encoding the image once more.
+        recon_before = _render_table_input(start_table, background, optics, None, image, (h, w), scale,
+                                           render_config, predictor.n_types)
+        rmse_before = rmse(image, recon_before)
         wake = WakeConfig(crop=(max(h, 32), max(w, 32)), batch_size=1, temperature=config.temperature,
                           border=0, blur_max=config.blur_max)
         svi, svi_init, run_chunk = solver(anchor["x"].shape[1], scene, enc, render_config, wake,
@@ -784,7 +787,7 @@ def refine_files(
     from amortize import io
     from amortize.errors import AmortizeError, BadInput
     from amortize.plots import line_plot
-    from amortize.predict import collect_images, summary
+    from amortize.predict import collect_images, output_targets, summary
 
     out = pathlib.Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -799,14 +802,8 @@ def refine_files(
     for path in files:
         try:
             stem = path.stem
-            if stem in seen:
-                raise BadInput(path, f"same output name as {seen[stem]} (rename one of them)")
-            targets = {kind: out / f"{stem}.{kind}" for kind in
-                       ("csv", "recon.png", "residual.png", "loss.png", "json")}
-            if not force:
-                for t in targets.values():
-                    if t.exists():
-                        raise BadInput(t, "exists (use --force to overwrite)")
+            targets = output_targets(path, out, ["csv", "recon.png", "residual.png", "loss.png", "json"],
+                                     seen, force)
             image = io.read_image(path)
             seen[stem] = path
             try:
