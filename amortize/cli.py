@@ -44,6 +44,8 @@ def _simulation_config(args):
         if not 0 < rmin < rmax:
             raise BadArgument("--radius-range", f"need 0 < RMIN < RMAX, got {rmin} {rmax}")
         scene = dataclasses.replace(scene, radius_min=rmin, radius_max=rmax)
+    if args.min_separation is not None:
+        scene = dataclasses.replace(scene, min_separation=args.min_separation)
     return dataclasses.replace(config, scene=scene)
 
 
@@ -196,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--density", type=float, help="droplet centres per 100 x 100 px")
     sim.add_argument("--radius-range", type=float, nargs=2, metavar=("RMIN", "RMAX"))
+    sim.add_argument("--min-separation", type=float, metavar="S",
+                     help="hard core: centres at least S x (sum of radii) apart, S in [0, 1] "
+                          "(default 0: droplets overlap freely; 1: they never overlap)")
     sim.add_argument("--config", help="TOML file with a [simulation] table")
     sim.add_argument("--force", action="store_true", help="write into a non-empty directory")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -5,7 +5,8 @@ Wake-sleep alternates learning from real images (wake) with learning from simula
 they simulate from is refitted after every wake phase, by moment matching on the droplets and
 backgrounds the current encoder reports:
 
-    density              detections per 100 x 100 px
+    density              detections per 100 x 100 px (raised to the density before thinning
+                         when the prior has a hard core, `min_separation` > 0)
     radius_log_mean/sd   mean and sd of log radius (the support, radius_min..max, is kept:
                          it is the encoder's working range)
     composition          Beta(a, b) with the pooled compositions' mean and variance
@@ -24,6 +25,7 @@ import math
 import numpy as np
 
 from amortize.config import SceneConfig
+from amortize.model import density_before_thinning
 
 #: Floors that keep a refitted prior proper when the corpus is small or uniform.
 MIN_LOG_SD = 0.05
@@ -77,6 +79,10 @@ def refit_scene(
         changes["density"] = float(max(len(radii) / area_px * 1e4, 0.1))
         changes["radius_log_mean"], changes["radius_log_sd"] = fit_radius(radii[inside])
         changes["composition_concentration"] = fit_beta(np.asarray(compositions).reshape(-1))
+        if base.min_separation > 0:
+            # The encoder sees the thinned scene; the prior's density counts centres before it.
+            fitted = dataclasses.replace(base, **changes)
+            changes["density"] = density_before_thinning(fitted, changes["density"])
     colours = np.asarray(background_colours, np.float64)
     if colours.size:
         lo = float(np.clip(colours.min() - BACKGROUND_PAD, 0.01, 0.9))

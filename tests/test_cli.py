@@ -39,6 +39,19 @@ def test_simulate_round_trip(tmp_path):
     assert (out / "scene_00000.png").read_bytes() == first
 
 
+def test_simulate_with_a_hard_core_never_overlaps(tmp_path):
+    out = tmp_path / "sim"
+    res = run("simulate", "--out", str(out), "--n", "1", "--size", "64", "48", "--quiet",
+              "--min-separation", "1", *TINY)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "manifest.json").read_text())["config"]["scene"]["min_separation"] == 1
+    t = io.read_table(out / "scene_00000.csv")
+    assert len(t["x"]) > 5
+    gap = np.hypot(t["x"][:, None] - t["x"], t["y"][:, None] - t["y"]) - (t["radius"][:, None] + t["radius"])
+    np.fill_diagonal(gap, np.inf)
+    assert gap.min() >= -1e-3
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -48,6 +61,7 @@ def test_simulate_round_trip(tmp_path):
         (["--n", "2", "--size", "16", "16", "--radius-range", "5", "2"], "--radius-range"),
         (["--n", "2", "--size", "16", "16", "--density", "-1"], "density"),
         (["--n", "two", "--size", "16", "16"], "invalid int"),
+        (["--n", "2", "--size", "16", "16", "--min-separation", "2"], "min_separation"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_and_no_files(tmp_path, args, words):

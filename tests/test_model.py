@@ -88,3 +88,63 @@ def test_density_spread_draws_a_density_per_scene(optics, tiny_render):
     counts = np.asarray(samples["presence"].sum(-1))
     # Denser draws hold more droplets.
     assert np.corrcoef(factor, counts)[0, 1] > 0.7
+
+
+def test_hard_core_thinning_analytic_case():
+    from amortize.model import hard_core_survivors
+
+    # Two equal droplets 3 px apart (the lower index wins the tie), a small droplet deep
+    # inside a big one, and an absent slot that must neither survive nor remove anything.
+    x = jnp.array([0.0, 3.0, 10.0, 10.5, 0.5])
+    r = jnp.array([2.0, 2.0, 5.0, 1.0, 9.0])
+    present = jnp.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    y = jnp.zeros(5)
+    np.testing.assert_array_equal(hard_core_survivors(x, y, r, present, 1.0), [1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(hard_core_survivors(x, y, r, present, 0.5), [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(hard_core_survivors(x, y, r, present, 0.0), [1, 1, 1, 1, 0])
+
+
+def test_hard_core_thinning_matches_dense_reference_across_blocks():
+    from amortize.model import PAIR_BLOCK, hard_core_survivors
+
+    rng = np.random.default_rng(0)
+    n = PAIR_BLOCK + 37  # more than one block, with padding
+    x, y = rng.uniform(0, 300, n), rng.uniform(0, 300, n)
+    r = rng.choice([2.0, 3.0, 5.0], n)  # many ties
+    present = (rng.uniform(size=n) < 0.8).astype(float)
+    d = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+    outranks = (r[None] > r[:, None]) | ((r[None] == r[:, None]) & (np.arange(n)[None] < np.arange(n)[:, None]))
+    removed = ((d < 0.7 * (r[:, None] + r[None])) & outranks & (present[None] > 0)).any(1)
+    expect = (~removed) & (present > 0)
+    got = hard_core_survivors(*(jnp.asarray(a, jnp.float32) for a in (x, y, r, present)), 0.7)
+    np.testing.assert_array_equal(np.asarray(got) > 0, expect)
+
+
+def test_prior_with_full_separation_never_overlaps(optics, tiny_render):
+    scene = SceneConfig(density=60.0, radius_min=1.5, radius_max=5.0, min_separation=1.0)
+    tr = handlers.trace(handlers.seed(droplet_model, 3)).get_trace(
+        shape=(48, 48), optics_params=optics, scene=scene, render_config=tiny_render)
+    droplets, _, _ = scene_from_trace(tr)
+    keep = np.asarray(droplets.presence) > 0
+    assert 0 < keep.sum() < np.asarray(tr["presence"]["value"]).sum()  # something was thinned
+    x, y, r = (np.asarray(a)[keep] for a in (droplets.x, droplets.y, droplets.radius))
+    gap = np.hypot(x[:, None] - x[None], y[:, None] - y[None]) - (r[:, None] + r[None])
+    np.fill_diagonal(gap, np.inf)
+    assert gap.min() >= -1e-4
+
+
+def test_min_separation_out_of_range_is_rejected():
+    with pytest.raises(BadArgument, match="min_separation"):
+        SceneConfig(min_separation=1.5)
+
+
+def test_density_before_thinning_inverts_the_retention():
+    from amortize.model import density_before_thinning, thinning_retention
+
+    scene = SceneConfig(density=30.0, radius_min=1.5, radius_max=6.0, min_separation=0.7)
+    kept = thinning_retention(scene, 30.0)
+    assert 0.3 < kept < 0.95  # a real thinning, not a no-op
+    assert density_before_thinning(scene, 30.0 * kept) == pytest.approx(30.0, rel=0.05)
+    free = SceneConfig(density=30.0, radius_min=1.5, radius_max=6.0)
+    assert thinning_retention(free, 30.0) == 1.0
+    assert density_before_thinning(free, 12.0) == pytest.approx(12.0)
