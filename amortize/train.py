@@ -34,6 +34,7 @@ from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.droplets import to_table
 from amortize.encoder import EncoderConfig, encode, init_encoder
 from amortize.errors import AmortizeError, BadArgument, BadInput
+from amortize.looks import LOOKS, look_params
 from amortize.losses import batch_set_loss
 from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
@@ -55,6 +56,11 @@ class TrainConfig:
         grad_clip: global gradient-norm clip.
         optics_jitter: each scene's droplet contrast is scaled by exp(U(-j, j)), so that the
             encoder does not lock onto one exact droplet appearance.
+        looks: other droplet appearances (`amortize.looks.LOOKS`: ring, disc, glow) mixed
+            into the simulated scenes, so that the encoder also finds droplets that look
+            nothing like the decoder's.
+        look_fraction: share of the scenes drawn with one of `looks` (uniformly) instead of
+            the decoder's optics.
         seed: root PRNG seed (scenes and initial weights).
         checkpoint_every: steps between checkpoints (a crash loses at most this many).
         log_every: steps between scalar logs.
@@ -69,6 +75,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
     optics_jitter: float = 0.2
+    looks: tuple[str, ...] = ()
+    look_fraction: float = 0.5
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 25
@@ -83,6 +91,9 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.grad_clip > 0, "grad_clip", "must be > 0")
         _check(self.optics_jitter >= 0, "optics_jitter", "must be >= 0")
+        unknown = sorted(set(self.looks) - set(LOOKS))
+        _check(not unknown, "looks", f"unknown {unknown}; choose from {sorted(LOOKS)}")
+        _check(0 <= self.look_fraction <= 1, "look_fraction", "must be in [0, 1]")
         for name in ("checkpoint_every", "log_every", "preview_every"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
 
@@ -142,13 +153,29 @@ def _jitter_optics(key: jax.Array, optics_params: dict, jitter: float) -> dict:
     return {"params": {**layers, last: scaled}}
 
 
+def _pick_look(key: jax.Array, optics_params: dict, run: RunConfig) -> dict:
+    """The decoder's optics, or with probability `look_fraction` one of the recipe's looks."""
+    cfg = run.train
+    if not cfg.looks or cfg.look_fraction == 0:
+        return optics_params
+    scene = run.simulation.scene
+    table = [optics_params] + [look_params(n, scene.n_types, scene.channels) for n in cfg.looks]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *table)
+    k_use, k_which = jax.random.split(key)
+    other = 1 + jax.random.randint(k_which, (), 0, len(cfg.looks))
+    index = jnp.where(jax.random.uniform(k_use) < cfg.look_fraction, other, 0)
+    return jax.tree_util.tree_map(lambda a: a[index], stacked)
+
+
 def simulate_batch(key: jax.Array, run: RunConfig, optics_params: dict):
     """(images (B, H, W, C), droplets, backgrounds) for one step. Jittable."""
     cfg = run.train
 
     def one(k):
         k_optics, k_scene = jax.random.split(k)
-        optics = _jitter_optics(k_optics, optics_params, cfg.optics_jitter)
+        k_look, k_optics = jax.random.split(k_optics)
+        optics = _pick_look(k_look, optics_params, run)
+        optics = _jitter_optics(k_optics, optics, cfg.optics_jitter)
         image, droplets, background, _ = simulate_scene(k_scene, cfg.crop, run.simulation, optics)
         return image, droplets, background
 
