@@ -194,3 +194,23 @@ def test_tiling_has_no_seams(default_predictor, scene):
     rows, cols, dist = _pairs(whole, tiled)
     assert len(rows) == len(whole["x"]) == len(tiled["x"])  # each droplet found once
     assert dist.max() < 0.05
+
+
+def test_general_model_finds_droplets_of_another_look():
+    """checkpoints/general also finds fluorescent droplets, which the default model misses."""
+    import pathlib
+
+    from amortize.config import SceneConfig, SimulationConfig
+    from amortize.evaluate import match_tables
+    from amortize.looks import look_params
+    from amortize.predict import Predictor
+    from amortize.simulate import simulate
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "general"
+    if not path.exists():
+        pytest.fail(f"the shipped general model is missing: {path}")
+    config = SimulationConfig(scene=SceneConfig(min_separation=0.5))
+    sim = simulate(1, (256, 224), seed=4243, config=config, optics_params=look_params("glow"))
+    m = match_tables(Predictor.load(path).predict(sim.images[0]), sim.tables[0], rmin=2.0)
+    assert m.tp > 0.85 * (m.tp + m.fn)  # the default model: recall about 0.2 on this look
+    assert m.fp < 0.1 * (m.tp + m.fp)
