@@ -27,50 +27,37 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from amortize.optics import DEFAULT_FIT_SEED, dye_absorbance, fit_optics, init_optics
+from amortize.optics import DEFAULT_FIT_SEED, droplet_geometry, dye_absorbance, fit_optics, init_optics
 
 ASSETS = pathlib.Path(__file__).parent / "assets"
 #: Dye-like emission per composition type and channel for the fluorescent look.
 EMISSION = np.array([[1.3, 0.25, 0.1], [0.15, 1.3, 0.3], [0.2, 0.35, 1.3]], np.float32)
 
 
-def _geometry(features: jnp.ndarray, channels: int):
-    colour = features[..., :channels]
-    u, v = features[..., channels], features[..., channels + 1]
-    log_r = features[..., channels + 2]
-    comp = features[..., channels + 3 :]
-    d2 = u**2 + v**2
-    d = jnp.sqrt(d2 + 1e-12)
-    inside = jax.nn.sigmoid((1.0 - d) * 12.0)
-    thickness = jnp.sqrt(jnp.clip(1.0 - d2, 0.0, 1.0))
-    size = jax.nn.sigmoid(1.5 * (log_r - 0.3))  # small droplets show less, as in the lens look
-    return colour, d, inside, thickness, size, comp
-
-
 def ring_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndarray:
-    colour, d, inside, thickness, size, comp = _geometry(features, channels)
-    tint = 0.35 * (comp @ dye_absorbance(n_types, channels)) * thickness[..., None]
-    ring = jnp.exp(-(((d - 0.86) / 0.11) ** 2))
-    halo = jnp.exp(-(((d - 1.12) / 0.08) ** 2))
-    delta = -inside[..., None] * size[..., None] * (0.05 + tint)
-    delta = delta + (size * (0.3 * halo - 1.4 * ring))[..., None]
-    return delta * (0.8 + 0.4 * colour)
+    g = droplet_geometry(features, channels)
+    tint = 0.35 * (g.comp @ dye_absorbance(n_types, channels)) * g.thickness[..., None]
+    ring = jnp.exp(-(((g.d - 0.86) / 0.11) ** 2))
+    halo = jnp.exp(-(((g.d - 1.12) / 0.08) ** 2))
+    delta = -g.inside[..., None] * g.size[..., None] * (0.05 + tint)
+    delta = delta + (g.size * (0.3 * halo - 1.4 * ring))[..., None]
+    return delta * (0.8 + 0.4 * g.colour)
 
 
 def disc_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndarray:
-    colour, _, inside, _, size, comp = _geometry(features, channels)
-    absorb = 0.4 + 0.6 * (comp @ dye_absorbance(n_types, channels))
-    return -(inside * size)[..., None] * absorb * (0.8 + 0.4 * colour)
+    g = droplet_geometry(features, channels)
+    absorb = 0.4 + 0.6 * (g.comp @ dye_absorbance(n_types, channels))
+    return -(g.inside * g.size)[..., None] * absorb * (0.8 + 0.4 * g.colour)
 
 
 def glow_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndarray:
-    colour, _, inside, thickness, size, comp = _geometry(features, channels)
+    g = droplet_geometry(features, channels)
     emission = np.stack([EMISSION[k % 3] * (0.7 ** (k // 3)) for k in range(n_types)])
     if channels == 1:
         emission = emission.mean(axis=1, keepdims=True)
-    light = 0.3 + comp @ jnp.asarray(emission)
-    profile = inside * (0.35 + 0.65 * thickness) * size
-    return profile[..., None] * light * (1.2 - 0.4 * colour)
+    light = 0.3 + g.comp @ jnp.asarray(emission)
+    profile = g.inside * (0.35 + 0.65 * g.thickness) * g.size
+    return profile[..., None] * light * (1.2 - 0.4 * g.colour)
 
 
 LOOKS = {"ring": ring_droplet, "disc": disc_droplet, "glow": glow_droplet}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -109,18 +110,36 @@ def dye_absorbance(n_types: int, channels: int) -> jnp.ndarray:
     return jnp.asarray(table)
 
 
-def lens_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndarray:
-    """Analytic delta (logit units) of a lens-like droplet, same interface as the MLP."""
-    colour = features[..., :channels]
+class DropletGeometry(NamedTuple):
+    """What every analytic look reads from the MLP features (leading shapes kept)."""
+
+    colour: jnp.ndarray  # background colour (..., C)
+    u: jnp.ndarray  # dx / r
+    v: jnp.ndarray  # dy / r
+    d: jnp.ndarray  # distance from the centre / r
+    inside: jnp.ndarray  # soft disc indicator
+    thickness: jnp.ndarray  # path through a sphere, 1 at the centre, 0 at the rim
+    size: jnp.ndarray  # small droplets are thin: grows with the radius, then saturates
+    comp: jnp.ndarray  # composition (..., K)
+
+
+def droplet_geometry(features: jnp.ndarray, channels: int) -> DropletGeometry:
+    """Unpack optics features (..., C + 3 + K) into the quantities the analytic looks use."""
     u, v = features[..., channels], features[..., channels + 1]
-    log_r = features[..., channels + 2]
-    comp = features[..., channels + 3 :]
     d2 = u**2 + v**2
     d = jnp.sqrt(d2 + 1e-12)
-    inside = jax.nn.sigmoid((1.0 - d) * 12.0)  # soft disc edge
-    thickness = jnp.sqrt(jnp.clip(1.0 - d2, 0.0, 1.0))
-    # Small droplets are thin: absorption grows with size, then saturates.
-    size = jax.nn.sigmoid(1.5 * (log_r - 0.3))
+    return DropletGeometry(
+        colour=features[..., :channels], u=u, v=v, d=d,
+        inside=jax.nn.sigmoid((1.0 - d) * 12.0),  # soft disc edge
+        thickness=jnp.sqrt(jnp.clip(1.0 - d2, 0.0, 1.0)),
+        size=jax.nn.sigmoid(1.5 * (features[..., channels + 2] - 0.3)),
+        comp=features[..., channels + 3 :],
+    )
+
+
+def lens_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndarray:
+    """Analytic delta (logit units) of a lens-like droplet, same interface as the MLP."""
+    colour, u, v, d, inside, thickness, size, comp = droplet_geometry(features, channels)
     absorb = (comp @ dye_absorbance(n_types, channels)) * (0.35 + 0.65 * thickness[..., None])
     delta = -inside[..., None] * size[..., None] * (0.25 + absorb)
     # Refraction darkens the rim, more on the upper side where the light is bent away.
