@@ -376,7 +376,6 @@ def run_notebook_comparison(predictor, image, config, anchor, values, background
     def enc_recon(state):
         return _render_params(svi.get_params(state), anchor, optics, (h, w), run.simulation.render, 0.5)
 
-    step_run(enc_state, args, chunk)  # compiled already by the loss comparison; warm anyway
     encoder = _recon_curve(enc_state, lambda st: step_run(st, args, chunk), enc_recon, image,
                            encoder_steps, chunk)
 

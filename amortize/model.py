@@ -133,8 +133,8 @@ def hard_core_survivors(
     def crowded(block):
         dx = x[block][:, None] - x[None, :]
         dy = y[block][:, None] - y[None, :]
-        reach = separation * (radius[block][:, None] + radius[None, :])
         ri, rj = radius[block][:, None], radius[None, :]
+        reach = separation * (ri + rj)
         outranks = (rj > ri) | ((rj == ri) & (index[None, :] < block[:, None]))
         close = dx * dx + dy * dy < reach * reach
         return jnp.any(close & outranks & (presence[None, :] > 0), axis=1)
