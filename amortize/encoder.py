@@ -12,7 +12,8 @@ Normalisation is LayerNorm over channels at each position (never BatchNorm, and 
 statistics pooled over the image), so that a cell's output depends only on the pixels in
 its receptive field: tiling a large image changes nothing, and so does an image shift.
 Images are standardised per channel by `standardise` *before* the network with statistics of
-the whole image, for the same reason.
+the whole image, for the same reason. Models with `log_odds_input` also read each channel's
+log-odds (`input_features`), the space in which the decoder adds a droplet's absorbance.
 
 Coordinates: cell (i, j) of a grid of stride s is centred at pixel ((j + 0.5) * s - 0.5,
 (i + 0.5) * s - 0.5) in the project convention (centre of the top-left pixel is (0, 0)).
@@ -25,6 +26,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from amortize.config import _check
@@ -41,6 +43,9 @@ OFFSET_REACH = 1.0
 STD_FLOOR = 0.02
 #: Smallest scale of any Gaussian head (keeps the set likelihood bounded).
 MIN_SCALE = {"offset": 0.02, "log_radius": 0.005, "composition": 0.01}
+#: Pixels are clipped to [LOG_ODDS_EPS, 1 - LOG_ODDS_EPS], half an 8-bit level, before their
+#: log-odds are taken, so that black and white pixels stay finite.
+LOG_ODDS_EPS = 0.5 / 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,9 @@ class EncoderConfig:
         head_depth: number of those layers.
         n_types: K, the composition length.
         channels: C, the image channels (after conversion to RGB, 3).
+        log_odds_input: also feed the network each channel's log-odds (see
+            `input_features`). Checkpoints saved before this field existed read intensity
+            only, hence the default.
     """
 
     widths: tuple[int, ...] = (24, 48, 64, 96, 128)
@@ -63,6 +71,7 @@ class EncoderConfig:
     head_depth: int = 1
     n_types: int = 3
     channels: int = 3
+    log_odds_input: bool = False
 
     def __post_init__(self) -> None:
         _check(len(self.widths) == 5, "widths", "need exactly 5 levels (strides 2..32)")
@@ -79,6 +88,11 @@ class EncoderConfig:
     @property
     def n_outputs(self) -> int:
         return 1 + 4 + 2 + 2 * self.n_types + self.channels
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the network reads: the image's, doubled by `log_odds_input`."""
+        return self.channels * (2 if self.log_odds_input else 1)
 
 
 @struct.dataclass
@@ -178,12 +192,31 @@ def decode_outputs(raw: jnp.ndarray, stats: jnp.ndarray, n_types: int, stride: i
     log_radius_scale = jax.nn.softplus(raw[..., 6] - 1.0) + MIN_SCALE["log_radius"]
     composition = jax.nn.sigmoid(raw[..., 7 : 7 + k])
     composition_scale = 0.5 * jax.nn.sigmoid(raw[..., 7 + k : 7 + 2 * k]) + MIN_SCALE["composition"]
-    mean, std = stats[..., 0, :], stats[..., 1, :]
+    # The image's channels come first in the stats; log-odds channels, if any, follow them.
+    channels = raw.shape[-1] - (7 + 2 * k)
+    mean, std = stats[..., 0, :channels], stats[..., 1, :channels]
     background = raw[..., 7 + 2 * k :] * std[..., None, None, :] + mean[..., None, None, :]
     return CellOutputs(
         logit, offset, offset_scale, log_radius, log_radius_scale, composition,
         composition_scale, background, stride,
     )
+
+
+def input_features(image, config: EncoderConfig):
+    """What the network reads from an image (..., H, W, C) in [0, 1]: the image itself and,
+    with `config.log_odds_input`, each channel's log-odds after it (..., H, W, 2 C).
+
+    The decoder adds a droplet's absorbance in log-odds space, so there a dye's colour is a
+    fixed offset from the background whatever their brightness; a dark droplet whose
+    compositions differ by a few grey levels in intensity differs by whole units there.
+    NumPy in, NumPy out (the predictor's tiles); otherwise jax.
+    """
+    if not config.log_odds_input:
+        return image
+    xp = np if isinstance(image, np.ndarray) else jnp
+    clipped = xp.clip(image, LOG_ODDS_EPS, 1.0 - LOG_ODDS_EPS)
+    log_odds = xp.log(clipped) - xp.log1p(-clipped)
+    return xp.concatenate([image, log_odds.astype(image.dtype)], axis=-1)
 
 
 def standardise(image: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -217,7 +250,7 @@ def cell_centres(grid: tuple[int, int], stride: int) -> tuple[jnp.ndarray, jnp.n
 
 def init_encoder(key: jax.Array, config: EncoderConfig) -> dict:
     """Random encoder variables for `config`."""
-    return Encoder(config).init(key, jnp.zeros((1, ALIGN, ALIGN, config.channels)))
+    return Encoder(config).init(key, jnp.zeros((1, ALIGN, ALIGN, config.input_channels)))
 
 
 def encode(params: dict, config: EncoderConfig, image: jnp.ndarray) -> CellOutputs:
@@ -226,6 +259,6 @@ def encode(params: dict, config: EncoderConfig, image: jnp.ndarray) -> CellOutpu
     The output grid covers the image padded up to multiples of `ALIGN`; cells whose centre
     falls outside the image are the caller's to ignore.
     """
-    z, stats = standardise(image)
+    z, stats = standardise(input_features(image, config))
     raw = Encoder(config).apply(params, pad_to_align(z))
     return decode_outputs(raw, stats, config.n_types, config.stride)

@@ -29,7 +29,7 @@ from amortize import checkpoint, io
 from amortize.config import from_dict
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.droplets import Background
-from amortize.encoder import ALIGN, STD_FLOOR, Encoder, decode_outputs
+from amortize.encoder import ALIGN, STD_FLOOR, Encoder, decode_outputs, input_features
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
@@ -141,6 +141,10 @@ class Predictor:
     def n_types(self) -> int:
         return self.run.encoder.n_types
 
+    def standardised(self, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What the network reads from `work` (H, W, C), standardised: (z, stats)."""
+        return standardise_np(input_features(work, self.run.encoder))
+
     def raw_cells(self, z: np.ndarray, tile_core: int = TILE_CORE, margin: int = TILE_MARGIN,
                   max_untiled: int = MAX_UNTILED_PIXELS) -> np.ndarray:
         """Raw head outputs (Hc, Wc, n) for one standardised, aligned image (H, W, C)."""
@@ -188,7 +192,7 @@ class Predictor:
         h, w = work.shape[:2]
         if min(h, w) < MIN_SIDE:
             raise BadArgument("image", f"{w}x{h} px at scale {scale:g} is smaller than {MIN_SIDE} px")
-        z, stats = standardise_np(work)
+        z, stats = self.standardised(work)
         z = _pad(z, (aligned(h), aligned(w)))
         raw = self.raw_cells(z, **tiling)
         cells = jax.device_get(self._detect(raw, stats, jnp.float32(threshold)))
@@ -210,7 +214,7 @@ class Predictor:
         scale = 1.0 if scale is None else float(scale)
         work = resize(image, scale)
         h, w = work.shape[:2]
-        z, stats = standardise_np(work)
+        z, stats = self.standardised(work)
         raw = self.raw_cells(_pad(z, (aligned(h), aligned(w))))
         out = decode_outputs(jnp.asarray(raw)[None], jnp.asarray(stats)[None],
                              self.n_types, self.run.encoder.stride)
@@ -245,8 +249,8 @@ class Predictor:
         out = []
         for start in range(0, len(images), BATCH):
             chunk = images[start : start + BATCH]
-            zs, stats = zip(*(standardise_np(im) for im in chunk))
-            z = np.zeros((BATCH, aligned(h), aligned(w), 3), np.float32)
+            zs, stats = zip(*(self.standardised(im) for im in chunk))
+            z = np.zeros((BATCH, aligned(h), aligned(w), zs[0].shape[-1]), np.float32)
             for i, zi in enumerate(zs):
                 z[i, :h, :w] = zi
             raw = np.asarray(self._encode(self.params, z))

@@ -46,9 +46,7 @@ from amortize.droplets import Background, Droplets
 from amortize.encoder import decode_outputs
 from amortize.errors import AmortizeError, BadArgument
 from amortize.nuisance import gaussian_blur
-from amortize.predict import (
-    MIN_SIDE, Predictor, _pad, aligned, check_image, resize, resize_to, standardise_np,
-)
+from amortize.predict import MIN_SIDE, Predictor, _pad, aligned, check_image, resize, resize_to
 from amortize.reconstruct import SLOT_BUCKET, render_table, rmse
 from amortize.render import render_logits
 from amortize.wake import (
@@ -277,7 +275,7 @@ def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: flo
     `min_presence`, plus spare (absent) slots, and the background fitted to the encoder's
     background map."""
     h, w = work.shape[:2]
-    z, stats = standardise_np(work)
+    z, stats = predictor.standardised(work)
     raw = predictor.raw_cells(_pad(z, (aligned(h), aligned(w))))
     out = decode_outputs(jnp.asarray(raw)[None], jnp.asarray(stats)[None], predictor.n_types,
                          predictor.run.encoder.stride)

@@ -53,7 +53,7 @@ from amortize.config import RenderConfig, SceneConfig, _check
 from amortize.droplets import N_ILLUMINATION, Droplets, Background, illumination_at
 from amortize.encoder import (
     ALIGN, OFFSET_REACH, CellOutputs, Encoder, EncoderConfig, cell_centres, decode_outputs,
-    pad_to_align, standardise,
+    input_features, pad_to_align, standardise,
 )
 from amortize.losses import cell_mask
 from amortize.nuisance import gaussian_blur
@@ -285,9 +285,9 @@ def wake_guide(
 ) -> None:
     """The amortized guide: the encoder's answer for each crop as a distribution."""
     del render_config, optics_init  # the model's; same signature as wake_model
-    b, h, w, c = images.shape
-    net = flax_module("encoder", Encoder(encoder), input_shape=(1, ALIGN, ALIGN, c))
-    z, stats = standardise(images)
+    b, h, w, _ = images.shape
+    net = flax_module("encoder", Encoder(encoder), input_shape=(1, ALIGN, ALIGN, encoder.input_channels))
+    z, stats = standardise(input_features(images, encoder))
     out = decode_outputs(net(pad_to_align(z)), stats, encoder.n_types, encoder.stride)
     slots = candidate_slots(out, n_slots, (h, w))
     background = fit_background(out, (h, w))

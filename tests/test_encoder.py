@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 
 from amortize.encoder import (
-    ALIGN, OFFSET_REACH, EncoderConfig, cell_centres, encode, init_encoder,
-    pad_to_align, standardise,
+    ALIGN, LOG_ODDS_EPS, OFFSET_REACH, EncoderConfig, cell_centres, encode, init_encoder,
+    input_features, pad_to_align, standardise,
 )
 from amortize.errors import BadArgument
 
 
-@pytest.fixture(scope="module", params=[4, 2], ids=["stride4", "stride2"])
+@pytest.fixture(scope="module", params=[(4, False), (2, False), (4, True)],
+                ids=["stride4", "stride2", "log-odds"])
 def tiny(request):
-    cfg = dataclasses.replace(EncoderConfig.tiny(), stride=request.param)
+    stride, log_odds = request.param
+    cfg = dataclasses.replace(EncoderConfig.tiny(), stride=stride, log_odds_input=log_odds)
     return cfg, init_encoder(jax.random.PRNGKey(0), cfg)
 
 
@@ -103,3 +105,29 @@ def test_depth_to_space_puts_channel_blocks_on_sub_cells():
     for a in range(2):
         for b in range(2):
             np.testing.assert_array_equal(y[1, 2 * 2 + a, 2 * 3 + b], x[1, 2, 3, (2 * a + b) * n : (2 * a + b + 1) * n])
+
+
+def test_input_features_add_finite_log_odds_only_when_asked():
+    image = np.array([[[0.0, 0.5, 1.0], [0.25, 0.75, 0.5]]], np.float32)
+    plain = EncoderConfig.tiny()
+    assert input_features(image, plain) is image
+    cfg = dataclasses.replace(plain, log_odds_input=True)
+    assert cfg.input_channels == 6
+    both = input_features(image, cfg)
+    assert isinstance(both, np.ndarray) and both.dtype == np.float32 and both.shape == (1, 2, 6)
+    np.testing.assert_array_equal(both[..., :3], image)
+    edge = np.log((1 - LOG_ODDS_EPS) / LOG_ODDS_EPS)
+    np.testing.assert_allclose(both[0, 0, 3:], [-edge, 0.0, edge], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both[0, 1, 3:], [-np.log(3), np.log(3), 0.0], rtol=1e-5, atol=1e-6)
+    # jax in, jax out, same values.
+    np.testing.assert_allclose(np.asarray(input_features(jnp.asarray(image), cfg)), both, rtol=1e-6)
+
+
+def test_log_odds_encoder_reads_six_channels_and_returns_image_background():
+    cfg = dataclasses.replace(EncoderConfig.tiny(), log_odds_input=True)
+    params = init_encoder(jax.random.PRNGKey(0), cfg)
+    assert params["params"]["Conv_0"]["kernel"].shape[2] == 6
+    out = encode(params, cfg, jnp.full((1, 32, 32, 3), 0.6))
+    assert out.background.shape == (1, 8, 8, 3)
+    # A flat image: standardised to zero, so the background head returns the image mean.
+    np.testing.assert_allclose(np.asarray(out.background), 0.6, atol=0.05)

@@ -214,3 +214,28 @@ def test_general_model_finds_droplets_of_another_look():
     m = match_tables(Predictor.load(path).predict(sim.images[0]), sim.tables[0], rmin=2.0)
     assert m.tp > 0.85 * (m.tp + m.fn)  # the default model: recall about 0.2 on this look
     assert m.fp < 0.1 * (m.tp + m.fp)
+
+
+def test_log_odds_model_predicts_alone_batched_and_tiled():
+    """A model reading log-odds too: every inference path feeds it the same six channels."""
+    import dataclasses
+
+    import jax
+
+    from amortize.config import to_dict
+    from amortize.encoder import init_encoder
+    from amortize.train import RunConfig
+
+    run = RunConfig.tiny()
+    run = dataclasses.replace(run, encoder=dataclasses.replace(run.encoder, log_odds_input=True))
+    model = Predictor(init_encoder(jax.random.PRNGKey(0), run.encoder), to_dict(run), 0)
+    rng = np.random.default_rng(3)
+    images = [rng.uniform(size=(40, 50, 3)).astype(np.float32) for _ in range(3)]
+    z, stats = model.standardised(images[0])
+    assert z.shape == (40, 50, 6) and stats.shape == (2, 6)
+    single = model.predict(images[0], threshold=0.05)
+    batch = model.predict_batch(images, threshold=0.05)
+    np.testing.assert_allclose(single["x"], batch[0]["x"], atol=1e-3)
+    big = rng.uniform(size=(96, 128, 3)).astype(np.float32)
+    tiled = model.raw_cells(model.standardised(big)[0], tile_core=64, margin=32, max_untiled=0)
+    assert tiled.shape == (24, 32, run.encoder.n_outputs) and np.all(np.isfinite(tiled))
