@@ -219,6 +219,18 @@ def input_features(image, config: EncoderConfig):
     return xp.concatenate([image, log_odds.astype(image.dtype)], axis=-1)
 
 
+def unmirror_raw(raw):
+    """Raw head outputs (..., Hc, Wc, n) of a left-right mirrored image, mapped back onto the
+    original's grid: cells reversed along the width and the x offset negated (tanh is odd,
+    so negating its argument negates the offset). The grid covers the image padded to
+    multiples of `ALIGN`, so mirror that padded image for the cells to line up.
+    """
+    raw = raw[..., ::-1, :]
+    flip = [1.0] * raw.shape[-1]
+    flip[1] = -1.0  # channel 1 is the x offset (see `decode_outputs`)
+    return raw * (np.asarray(flip, np.float32) if isinstance(raw, np.ndarray) else jnp.asarray(flip))
+
+
 def standardise(image: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Per-image, per-channel standardisation: ((image - mean) / std, stats (..., 2, C)).
 

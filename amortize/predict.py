@@ -29,7 +29,7 @@ from amortize import checkpoint, io
 from amortize.config import from_dict
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.droplets import Background
-from amortize.encoder import ALIGN, STD_FLOOR, Encoder, decode_outputs, input_features
+from amortize.encoder import ALIGN, Encoder, decode_outputs, input_features, standardise, unmirror_raw
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
@@ -70,18 +70,6 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.P
     return path
 
 
-def standardise_np(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel standardisation with whole-image statistics (see `encoder.standardise`).
-
-    Done outside the jitted encoder so that tiles share the statistics of the whole frame
-    and the compiled program depends only on the padded shape.
-    """
-    mean = image.mean(axis=(0, 1), dtype=np.float64)
-    std = image.std(axis=(0, 1), dtype=np.float64) + STD_FLOOR
-    z = ((image - mean) / std).astype(np.float32)
-    return z, np.stack([mean, std]).astype(np.float32)
-
-
 def _pad(z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     h, w = z.shape[:2]
     return np.pad(z, ((0, shape[0] - h), (0, shape[1] - w), (0, 0)))
@@ -105,12 +93,19 @@ class Predictor:
         config: the resolved training config (dict, as saved in the checkpoint).
         step: training step of the checkpoint.
         source: where it was loaded from.
+        mirror_average: read every image twice, as it is and mirrored left-right, and
+            average the two sets of cell outputs. Droplets look the same in a mirror (the
+            optics are left-right symmetric; the caustic falls below the centre, not beside
+            it), so the mirror is a second reading that shares none of the network's
+            left-right quirks: composition R^2 0.900 -> 0.906 on the held-out scenes, for
+            one more encoder pass.
     """
 
     params: dict
     config: dict
     step: int
     source: str = ""
+    mirror_average: bool = True
 
     def __post_init__(self) -> None:
         from amortize.train import RunConfig  # train imports the simulator
@@ -122,6 +117,9 @@ class Predictor:
         self.params = params
         encoder = Encoder(self.run.encoder)
         self._encode = jax.jit(lambda p, z: encoder.apply(p, z))
+        # Whole-frame statistics, so that tiles share them and the encoder's compiled
+        # program depends only on the padded shape; jitted, as NumPy is 5x slower here.
+        self._standardise = jax.jit(lambda image: standardise(input_features(image, self.run.encoder)))
         k, stride = self.run.encoder.n_types, self.run.encoder.stride
         self._detect = jax.jit(
             lambda raw, stats, threshold: cell_droplets(decode_outputs(raw, stats, k, stride), threshold)
@@ -142,12 +140,21 @@ class Predictor:
         return self.run.encoder.n_types
 
     def standardised(self, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """What the network reads from `work` (H, W, C), standardised: (z, stats)."""
-        return standardise_np(input_features(work, self.run.encoder))
+        """What the network reads from `work` (H, W, C), standardised with the whole
+        frame's per-channel statistics: (z (H, W, C'), stats (2, C'))."""
+        z, stats = self._standardise(np.asarray(work, np.float32))
+        return np.asarray(z), np.asarray(stats)
 
-    def raw_cells(self, z: np.ndarray, tile_core: int = TILE_CORE, margin: int = TILE_MARGIN,
-                  max_untiled: int = MAX_UNTILED_PIXELS) -> np.ndarray:
-        """Raw head outputs (Hc, Wc, n) for one standardised, aligned image (H, W, C)."""
+    def raw_cells(self, z: np.ndarray, **tiling) -> np.ndarray:
+        """Raw head outputs (Hc, Wc, n) for one standardised, aligned image (H, W, C),
+        averaged with its mirror image's when `mirror_average`."""
+        raw = self._one_reading(z, **tiling)
+        if self.mirror_average:
+            raw = 0.5 * (raw + unmirror_raw(self._one_reading(z[:, ::-1], **tiling)))
+        return raw
+
+    def _one_reading(self, z: np.ndarray, tile_core: int = TILE_CORE, margin: int = TILE_MARGIN,
+                     max_untiled: int = MAX_UNTILED_PIXELS) -> np.ndarray:
         h, w = z.shape[:2]
         if h * w <= max_untiled:
             return np.asarray(self._encode(self.params, z[None]))[0]
@@ -254,6 +261,8 @@ class Predictor:
             for i, zi in enumerate(zs):
                 z[i, :h, :w] = zi
             raw = np.asarray(self._encode(self.params, z))
+            if self.mirror_average:
+                raw = 0.5 * (raw + unmirror_raw(np.asarray(self._encode(self.params, z[:, :, ::-1]))))
             for i in range(len(chunk)):
                 cells = jax.device_get(self._detect(raw[i], stats[i], jnp.float32(threshold)))
                 out.append(to_droplet_table(cells, (h, w)))

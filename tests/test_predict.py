@@ -49,9 +49,7 @@ def test_tiled_cells_match_untiled(tiny):
     a network whose receptive field fits in the margin; here we check the mechanics: the
     stitched grid has the right shape and the tile cores line up (no gaps, no shifts)."""
     image = np.random.default_rng(1).uniform(size=(192, 256, 3)).astype(np.float32)
-    from amortize.predict import standardise_np
-
-    z, _ = standardise_np(image)
+    z, _ = tiny.standardised(image)
     whole = tiny.raw_cells(z)
     tiled = tiny.raw_cells(z, tile_core=64, margin=64, max_untiled=0)
     assert tiled.shape == whole.shape
