@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import pathlib
 
@@ -34,6 +35,12 @@ def test_recipes_parse():
     assert tiny.train.crop == (64, 64) and tiny.encoder.widths == (4, 8, 8, 8, 8)
     default = load_recipe(RECIPES / "default.toml")
     assert default.simulation.scene.radius_max >= 40
+    assert not default.encoder.log_odds_input  # the shipped default reads intensity only
+    log_odds = load_recipe(RECIPES / "logodds.toml")
+    assert log_odds.encoder.log_odds_input
+    # The log-odds recipe is the default one plus that switch, nothing else.
+    assert log_odds == dataclasses.replace(
+        default, encoder=dataclasses.replace(default.encoder, log_odds_input=True))
 
 
 def test_recipe_errors(tmp_path):
