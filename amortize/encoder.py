@@ -209,14 +209,11 @@ def input_features(image, config: EncoderConfig):
     The decoder adds a droplet's absorbance in log-odds space, so there a dye's colour is a
     fixed offset from the background whatever their brightness; a dark droplet whose
     compositions differ by a few grey levels in intensity differs by whole units there.
-    NumPy in, NumPy out (the predictor's tiles); otherwise jax.
     """
     if not config.log_odds_input:
         return image
-    xp = np if isinstance(image, np.ndarray) else jnp
-    clipped = xp.clip(image, LOG_ODDS_EPS, 1.0 - LOG_ODDS_EPS)
-    log_odds = xp.log(clipped) - xp.log1p(-clipped)
-    return xp.concatenate([image, log_odds.astype(image.dtype)], axis=-1)
+    clipped = jnp.clip(image, LOG_ODDS_EPS, 1.0 - LOG_ODDS_EPS)
+    return jnp.concatenate([image, jnp.log(clipped) - jnp.log1p(-clipped)], axis=-1)
 
 
 def unmirror_raw(raw):
@@ -225,10 +222,9 @@ def unmirror_raw(raw):
     so negating its argument negates the offset). The grid covers the image padded to
     multiples of `ALIGN`, so mirror that padded image for the cells to line up.
     """
-    raw = raw[..., ::-1, :]
-    flip = [1.0] * raw.shape[-1]
+    flip = np.ones(raw.shape[-1], np.float32)
     flip[1] = -1.0  # channel 1 is the x offset (see `decode_outputs`)
-    return raw * (np.asarray(flip, np.float32) if isinstance(raw, np.ndarray) else jnp.asarray(flip))
+    return raw[..., ::-1, :] * flip
 
 
 def standardise(image: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -237,3 +237,15 @@ def test_log_odds_model_predicts_alone_batched_and_tiled():
     big = rng.uniform(size=(96, 128, 3)).astype(np.float32)
     tiled = model.raw_cells(model.standardised(big)[0], tile_core=64, margin=32, max_untiled=0)
     assert tiled.shape == (24, 32, run.encoder.n_outputs) and np.all(np.isfinite(tiled))
+
+
+def test_mirror_average_makes_predictions_mirror_equivariant(tiny):
+    """With the mirror average, the image and its mirror get mirrored answers exactly (the
+    width is a multiple of ALIGN, so the padded grids line up)."""
+    image = np.random.default_rng(4).uniform(size=(64, 96, 3)).astype(np.float32)
+    assert tiny.mirror_average
+    a = tiny.predict(image, threshold=0.01)
+    b = tiny.predict(image[:, ::-1].copy(), threshold=0.01)
+    assert len(a["x"]) == len(b["x"]) > 0
+    np.testing.assert_allclose(np.sort(a["x"]), np.sort(95 - b["x"]), atol=1e-3)
+    np.testing.assert_allclose(np.sort(a["comp_0"]), np.sort(b["comp_0"]), atol=1e-4)
