@@ -29,7 +29,7 @@ from amortize import checkpoint, io
 from amortize.config import from_dict
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.droplets import Background
-from amortize.encoder import ALIGN, Encoder, decode_outputs, input_features, standardise, unmirror_raw
+from amortize.encoder import ALIGN, CellOutputs, Encoder, decode_outputs, input_features, standardise, unmirror_raw
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
@@ -148,9 +148,22 @@ class Predictor:
     def raw_cells(self, z: np.ndarray, **tiling) -> np.ndarray:
         """Raw head outputs (Hc, Wc, n) for one standardised, aligned image (H, W, C),
         averaged with its mirror image's when `mirror_average`."""
-        raw = self._one_reading(z, **tiling)
+        return self._with_mirror(lambda v: self._one_reading(v, **tiling), z)
+
+    def cell_outputs(self, work: np.ndarray) -> CellOutputs:
+        """The decoded cells of one working-scale image (H, W, C), with a batch axis of 1."""
+        h, w = work.shape[:2]
+        z, stats = self.standardised(work)
+        raw = self.raw_cells(_pad(z, (aligned(h), aligned(w))))
+        return decode_outputs(jnp.asarray(raw)[None], jnp.asarray(stats)[None], self.n_types,
+                              self.run.encoder.stride)
+
+    def _with_mirror(self, read, z: np.ndarray) -> np.ndarray:
+        """`read(z)` for z (..., H, W, C), averaged with the reading of its left-right
+        mirror image mapped back, when `mirror_average`."""
+        raw = read(z)
         if self.mirror_average:
-            raw = 0.5 * (raw + unmirror_raw(self._one_reading(z[:, ::-1], **tiling)))
+            raw = 0.5 * (raw + unmirror_raw(read(z[..., ::-1, :])))
         return raw
 
     def _one_reading(self, z: np.ndarray, tile_core: int = TILE_CORE, margin: int = TILE_MARGIN,
@@ -221,11 +234,7 @@ class Predictor:
         scale = 1.0 if scale is None else float(scale)
         work = resize(image, scale)
         h, w = work.shape[:2]
-        z, stats = self.standardised(work)
-        raw = self.raw_cells(_pad(z, (aligned(h), aligned(w))))
-        out = decode_outputs(jnp.asarray(raw)[None], jnp.asarray(stats)[None],
-                             self.n_types, self.run.encoder.stride)
-        background = fit_background(out, (h, w))
+        background = fit_background(self.cell_outputs(work), (h, w))
         background = Background(background.colour[0], background.illumination[0])
 
         def to_work(v):
@@ -260,9 +269,7 @@ class Predictor:
             z = np.zeros((BATCH, aligned(h), aligned(w), zs[0].shape[-1]), np.float32)
             for i, zi in enumerate(zs):
                 z[i, :h, :w] = zi
-            raw = np.asarray(self._encode(self.params, z))
-            if self.mirror_average:
-                raw = 0.5 * (raw + unmirror_raw(np.asarray(self._encode(self.params, z[:, :, ::-1]))))
+            raw = self._with_mirror(lambda v: np.asarray(self._encode(self.params, v)), z)
             for i in range(len(chunk)):
                 cells = jax.device_get(self._detect(raw[i], stats[i], jnp.float32(threshold)))
                 out.append(to_droplet_table(cells, (h, w)))

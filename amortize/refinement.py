@@ -43,10 +43,9 @@ from tqdm.auto import tqdm
 from amortize.config import _check
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets
 from amortize.droplets import Background, Droplets
-from amortize.encoder import decode_outputs
 from amortize.errors import AmortizeError, BadArgument
 from amortize.nuisance import gaussian_blur
-from amortize.predict import MIN_SIDE, Predictor, _pad, aligned, check_image, resize, resize_to
+from amortize.predict import MIN_SIDE, Predictor, check_image, resize, resize_to
 from amortize.reconstruct import SLOT_BUCKET, render_table, rmse
 from amortize.render import render_logits
 from amortize.wake import (
@@ -275,10 +274,7 @@ def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: flo
     `min_presence`, plus spare (absent) slots, and the background fitted to the encoder's
     background map."""
     h, w = work.shape[:2]
-    z, stats = predictor.standardised(work)
-    raw = predictor.raw_cells(_pad(z, (aligned(h), aligned(w))))
-    out = decode_outputs(jnp.asarray(raw)[None], jnp.asarray(stats)[None], predictor.n_types,
-                         predictor.run.encoder.stride)
+    out = predictor.cell_outputs(work)
     p = jax.nn.sigmoid(out.logit)
     peak = p >= jax.lax.reduce_window(p, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 1, 1), "SAME")
     one = jax.tree_util.tree_map(lambda a: a[0], out)
