@@ -152,11 +152,16 @@ class Predictor:
 
     def cell_outputs(self, work: np.ndarray) -> CellOutputs:
         """The decoded cells of one working-scale image (H, W, C), with a batch axis of 1."""
-        h, w = work.shape[:2]
-        z, stats = self.standardised(work)
-        raw = self.raw_cells(_pad(z, (aligned(h), aligned(w))))
+        raw, stats = self._read(work)
         return decode_outputs(jnp.asarray(raw)[None], jnp.asarray(stats)[None], self.n_types,
                               self.run.encoder.stride)
+
+    def _read(self, work: np.ndarray, **tiling) -> tuple[np.ndarray, np.ndarray]:
+        """Raw head outputs (Hc, Wc, n) of one working-scale image (H, W, C), padded to
+        `ALIGN`, and its standardisation statistics (2, C')."""
+        h, w = work.shape[:2]
+        z, stats = self.standardised(work)
+        return self.raw_cells(_pad(z, (aligned(h), aligned(w))), **tiling), stats
 
     def _with_mirror(self, read, z: np.ndarray) -> np.ndarray:
         """`read(z)` for z (..., H, W, C), averaged with the reading of its left-right
@@ -212,9 +217,7 @@ class Predictor:
         h, w = work.shape[:2]
         if min(h, w) < MIN_SIDE:
             raise BadArgument("image", f"{w}x{h} px at scale {scale:g} is smaller than {MIN_SIDE} px")
-        z, stats = self.standardised(work)
-        z = _pad(z, (aligned(h), aligned(w)))
-        raw = self.raw_cells(z, **tiling)
+        raw, stats = self._read(work, **tiling)
         cells = jax.device_get(self._detect(raw, stats, jnp.float32(threshold)))
         return to_droplet_table(cells, (h, w), scale)
 
