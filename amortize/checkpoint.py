@@ -92,10 +92,13 @@ def load_model(path: str | pathlib.Path) -> tuple[dict, dict, int]:
 
 def _model_of_state(state: dict) -> dict:
     """What predict needs of a training state: the encoder variables, plus the learned
-    decoder (an extra `decoder` collection) when the run learned one (wake-sleep)."""
+    decoder (an extra `decoder` collection) when the run learned one (wake-sleep), and the
+    composition read-out once it has been fitted."""
     params = dict(state["params"])
     if "decoder" in state:
         params["decoder"] = state["decoder"]
+    if "readout" in state and int(state["readout"]["fitted"]):
+        params["readout"] = state["readout"]
     return params
 
 

@@ -40,23 +40,34 @@ def _columns(table: dict, prefix: str) -> np.ndarray:
     return np.stack([table[k] for k in keys], axis=1) if keys else np.zeros((n, 0), np.float32)
 
 
-def match_tables(pred: dict, truth: dict, rmin: float = 0.0) -> Matches:
-    """Match one image's predicted table to its ground truth."""
+def match_pairs(pred: dict, truth: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hungarian matching on centre distance of one image's tables.
+
+    Returns:
+        (pairs (M, 2) of [prediction, truth] row indices, feasible (P, T): pairs close enough
+        to count, dist (P, T) px).
+    """
     px, py = np.asarray(pred["x"], float), np.asarray(pred["y"], float)
     tx, ty, tr = (np.asarray(truth[k], float) for k in ("x", "y", "radius"))
-    care = tr >= rmin
     tol = np.maximum(MIN_TOLERANCE_PX, RADIUS_TOLERANCE * tr)
     dist = np.hypot(px[:, None] - tx[None, :], py[:, None] - ty[None, :])
     ok = dist <= tol[None, :]
-    matched_p = np.zeros(len(px), bool)
     pairs = np.zeros((0, 2), int)
     if ok.any():
         # Infeasible pairs cost more than any feasible assignment can save.
-        cost = np.where(ok, dist, 1e6)
-        rows, cols = linear_sum_assignment(cost)
+        rows, cols = linear_sum_assignment(np.where(ok, dist, 1e6))
         keep = ok[rows, cols]
         pairs = np.stack([rows[keep], cols[keep]], axis=1)
-        matched_p[pairs[:, 0]] = True
+    return pairs, ok, dist
+
+
+def match_tables(pred: dict, truth: dict, rmin: float = 0.0) -> Matches:
+    """Match one image's predicted table to its ground truth."""
+    tr = np.asarray(truth["radius"], float)
+    care = tr >= rmin
+    pairs, ok, dist = match_pairs(pred, truth)
+    matched_p = np.zeros(len(pred["x"]), bool)
+    matched_p[pairs[:, 0]] = True
     counted = pairs[care[pairs[:, 1]]]
     # An unmatched prediction sitting on a don't-care droplet is not a false alarm either.
     near_ignored = (ok & ~care[None, :]).any(axis=1)

@@ -33,11 +33,12 @@ from amortize.encoder import ALIGN, CellOutputs, Encoder, decode_outputs, input_
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
+from amortize.readout import read_out
 from amortize.reconstruct import render_table, rmse
 from amortize.wake import fit_background
 
 #: The tables of a checkpoint's config that describe the encoder and its simulation prior.
-RUN_TABLES = ("simulation", "encoder", "train")
+RUN_TABLES = ("simulation", "encoder", "train", "readout")
 #: The shipped model.
 DEFAULT_CHECKPOINT = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "default"
 #: Padded frames above this many pixels are tiled (bounds peak memory to a few GB).
@@ -114,6 +115,8 @@ class Predictor:
         self.run = from_dict(RunConfig, {k: v for k, v in self.config.items() if k in RUN_TABLES})
         params = jax.tree_util.tree_map(jnp.asarray, dict(self.params))
         self.decoder = params.pop("decoder", None)
+        # The composition read-out, when the model has a fitted one (`amortize.readout`).
+        self.readout = params.pop("readout", None)
         self.params = params
         encoder = Encoder(self.run.encoder)
         self._encode = jax.jit(lambda p, z: encoder.apply(p, z))
@@ -219,7 +222,11 @@ class Predictor:
             raise BadArgument("image", f"{w}x{h} px at scale {scale:g} is smaller than {MIN_SIDE} px")
         raw, stats = self._read(work, **tiling)
         cells = jax.device_get(self._detect(raw, stats, jnp.float32(threshold)))
-        return to_droplet_table(cells, (h, w), scale)
+        return self._read_out(work, to_droplet_table(cells, (h, w), scale), scale)
+
+    def _read_out(self, work: np.ndarray, table: dict, scale: float = 1.0) -> dict:
+        """`table` with compositions from the read-out, if the model has one."""
+        return table if self.readout is None else read_out(self.readout, work, table, scale)
 
     @property
     def optics(self) -> dict:
@@ -275,7 +282,7 @@ class Predictor:
             raw = self._with_mirror(lambda v: np.asarray(self._encode(self.params, v)), z)
             for i in range(len(chunk)):
                 cells = jax.device_get(self._detect(raw[i], stats[i], jnp.float32(threshold)))
-                out.append(to_droplet_table(cells, (h, w)))
+                out.append(self._read_out(chunk[i], to_droplet_table(cells, (h, w))))
         return out
 
 

@@ -8,7 +8,9 @@ so a resumed run sees exactly the scenes it would have seen.
 A run lives in a workdir:
 
     config.json      the resolved config (recipe after defaults)
-    checkpoints/     orbax steps holding {params, opt_state, step} and the config
+    checkpoints/     orbax steps holding {params, opt_state, step} and the config, plus the
+                     composition read-out (`amortize.readout`) when the recipe has one:
+                     fitted once the encoder's steps are done, saved one step later
     logs/            tensorboardX events: losses, gradient norm, learning rate,
                      preview images with predicted circles, radius histograms
 """
@@ -38,6 +40,7 @@ from amortize.looks import LOOKS, look_params
 from amortize.losses import batch_set_loss
 from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
+from amortize.readout import ReadoutConfig, fit_readout, init_readout, simulated_examples
 from amortize.simulate import simulate_scene
 from amortize.writers import TensorboardWriter, Writer
 
@@ -110,6 +113,7 @@ class RunConfig:
     simulation: SimulationConfig = dataclasses.field(default_factory=SimulationConfig)
     encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    readout: ReadoutConfig = dataclasses.field(default_factory=ReadoutConfig)
 
     def __post_init__(self) -> None:
         scene = self.simulation.scene
@@ -122,7 +126,7 @@ class RunConfig:
 
 
 def load_recipe(path: str | pathlib.Path) -> RunConfig:
-    """Parse a TOML recipe ([simulation.*], [encoder], [train] tables; all optional)."""
+    """Parse a TOML recipe ([simulation.*], [encoder], [train], [readout] tables; all optional)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise BadInput(path, "recipe not found" if not path.exists() else "recipe must be a file")
@@ -199,7 +203,10 @@ def init_state(run: RunConfig) -> dict:
     key = jax.random.fold_in(jax.random.PRNGKey(run.train.seed), 1)
     params = init_encoder(key, run.encoder)
     tx, _ = make_optimizer(run.train)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if run.readout.scenes > 0:
+        state["readout"] = init_readout(run.readout, run.simulation.scene.channels, run.encoder.n_types)
+    return state
 
 
 def make_train_step(run: RunConfig, optics_params: dict, tx=None):
@@ -228,7 +235,7 @@ def make_train_step(run: RunConfig, optics_params: dict, tx=None):
         metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state["step"])
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return step
 
@@ -249,6 +256,15 @@ def resume(mgr, state: dict, workdir: pathlib.Path) -> tuple[dict, dict | None]:
     try:
         return checkpoint.restore(mgr, latest, "state", target=state)
     except Exception as err:
+        if "readout" in state:
+            # Perhaps a run saved before its recipe had a read-out: the encoder's state,
+            # with a fresh, unfitted read-out.
+            try:
+                encoder_state = {k: v for k, v in state.items() if k != "readout"}
+                restored, config = checkpoint.restore(mgr, latest, "state", target=encoder_state)
+                return {**restored, "readout": state["readout"]}, config
+            except Exception:
+                pass
         raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(latest),
                        f"cannot resume from this checkpoint ({checkpoint._short(err)})") from None
 
@@ -284,6 +300,21 @@ def make_preview(run: RunConfig, optics_params: dict, key: jax.Array):
     return preview
 
 
+def _same_run(saved: dict, resolved: dict, config_type) -> bool:
+    """Whether a workdir's saved config is the recipe's run. Settings added to the code since
+    it was saved take their defaults, and a run saved before recipes had a [readout] table
+    takes the recipe's (the read-out is fitted after the encoder, so a finished run can gain
+    one)."""
+    had_readout = "readout" in saved
+    try:
+        saved = to_dict(from_dict(config_type, saved))
+    except (BadArgument, TypeError):
+        return False
+    if "readout" in resolved and not had_readout:
+        saved["readout"] = resolved["readout"]
+    return json.loads(json.dumps(saved)) == json.loads(json.dumps(resolved))
+
+
 def prepare_workdir(workdir: pathlib.Path, run: RunConfig) -> dict:
     """Create the workdir, or check that an existing one belongs to this recipe."""
     resolved = to_dict(run)
@@ -295,10 +326,12 @@ def prepare_workdir(workdir: pathlib.Path, run: RunConfig) -> dict:
             saved = json.loads(config_file.read_text())
         except json.JSONDecodeError:
             raise BadInput(config_file, "unreadable config.json in the workdir") from None
-        if saved != json.loads(json.dumps(resolved)):
+        if not _same_run(saved, resolved, type(run)):
             raise BadArgument(
                 workdir, "holds a run with a different config; use a new --workdir to start over"
             )
+        if saved != json.loads(json.dumps(resolved)):
+            io.write_json(config_file, resolved, force=True)  # now with the fields it lacked
     else:
         workdir.mkdir(parents=True, exist_ok=True)
         io.write_json(config_file, resolved, force=True)
@@ -344,6 +377,7 @@ def train(
                dynamic_ncols=True)
     t0 = time.perf_counter()
     done_here = 0
+    stopping = False
     try:
         for step in range(start, cfg.steps):
             state, metrics = step_fn(state, data_key)
@@ -366,6 +400,12 @@ def train(
                 checkpoint.save(mgr, done, "state", state, resolved)
             if stopping:
                 break
+        needs_readout = "readout" in state and not int(state["readout"]["fitted"])
+        if needs_readout and not stopping and int(state["step"]) >= cfg.steps:
+            state["readout"], readout_metrics = train_readout(run, state, resolved, progress)
+            writer.scalars({f"readout/{k}": v for k, v in readout_metrics.items()}, cfg.steps)
+            checkpoint.save(mgr, cfg.steps + 1, "state", state, resolved)
+            metrics_np.update(readout_metrics)
     finally:
         bar.close()
         mgr.wait_until_finished()
@@ -375,6 +415,22 @@ def train(
     metrics_np["step"] = int(state["step"])
     metrics_np["wall_seconds"] = time.perf_counter() - t0
     return metrics_np
+
+
+def train_readout(run: RunConfig, state: dict, resolved: dict, progress: bool = False) -> tuple[dict, dict]:
+    """Fit the composition read-out for the trained encoder in `state` (see
+    `amortize.readout`); returns (read-out state, metrics)."""
+    from amortize.predict import Predictor
+
+    t0 = time.perf_counter()
+    predictor = Predictor(jax.device_get(state["params"]), resolved, int(state["step"]))
+    features, targets, groups = simulated_examples(predictor, run, run.readout, progress)
+    params, metrics = fit_readout(features, targets, groups, run.readout)
+    if metrics["droplets_fit"] == 0:
+        tqdm.write("warning: the encoder found droplets in fewer than two of the read-out's "
+                   "scenes; the read-out keeps the encoder's compositions")
+    metrics["readout_seconds"] = time.perf_counter() - t0
+    return {**params, "fitted": jnp.ones((), jnp.int32)}, metrics
 
 
 __all__ = [
