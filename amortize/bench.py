@@ -305,10 +305,11 @@ def _notebook_svi(n_slots: int, scene, encoder, render_config, wake, background:
     """
     import numpyro
     from numpyro import handlers
-    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer import SVI
     from numpyro.infer.autoguide import AutoNormal
     from numpyro.infer.initialization import init_to_uniform
 
+    from amortize.refinement import OrderedTraceELBO
     from amortize.wake import BACKGROUND_EPS, wake_model
 
     on = jnp.full((1, n_slots), 30.0)  # presence logit: sigmoid(30) = 1
@@ -318,7 +319,7 @@ def _notebook_svi(n_slots: int, scene, encoder, render_config, wake, background:
              "illumination": background.illumination[None]}
     model = handlers.block(handlers.condition(wake_model, data=fixed), hide=["optics"])
     guide = AutoNormal(model, init_loc_fn=init_to_uniform)
-    svi = SVI(model, guide, numpyro.optim.Adam(learning_rate), Trace_ELBO(), n_crops=1,
+    svi = SVI(model, guide, numpyro.optim.Adam(learning_rate), OrderedTraceELBO(), n_crops=1,
               n_slots=n_slots, scene=scene, encoder=encoder, render_config=render_config, wake=wake)
 
     def run(state, images, optics, n):

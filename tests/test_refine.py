@@ -170,3 +170,58 @@ def test_a_bad_start_table_is_a_clear_error(predictor):
     bad["radius"][0] = 0.0
     with pytest.raises(BadArgument, match="radii"):
         refine(image, predictor, device="cpu", start_table=bad)
+
+
+_ELBO_PROGRAM = """
+import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
+from numpyro.infer import SVI
+from numpyro.infer.autoguide import AutoNormal
+from amortize.refinement import OrderedTraceELBO
+
+def model(y):
+    for name in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta"):
+        numpyro.sample(name, dist.Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+svi = SVI(model, AutoNormal(model), numpyro.optim.Adam(0.1), OrderedTraceELBO())
+state = svi.init(jax.random.PRNGKey(0), 1.0)
+print(jax.make_jaxpr(lambda s: svi.update(s, 1.0))(state))
+"""
+
+
+def test_the_svi_step_is_the_same_program_in_every_process():
+    """numpyro's Trace_ELBO sums sites in string-hash order, so its traced step (and JAX's
+    persistent compilation cache key) changed from process to process."""
+    import os
+    import subprocess
+    import sys
+
+    programs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", _ELBO_PROGRAM], capture_output=True, text=True,
+                             env=env, check=True)
+        programs.append(out.stdout)
+    assert programs[0] == programs[1] and "add" in programs[0]
+
+
+def test_ordered_elbo_is_numpyros_trace_elbo():
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+
+    from amortize.refinement import OrderedTraceELBO
+
+    def model(y):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        b = numpyro.sample("b", dist.LogNormal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(a, b), obs=y)
+
+    guide = AutoNormal(model)
+    svi = numpyro.infer.SVI(model, guide, numpyro.optim.Adam(0.1), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.PRNGKey(0), 0.5))  # constrained, as SVI passes
+    key = jax.random.PRNGKey(3)
+    ours = OrderedTraceELBO().loss(key, params, model, guide, 0.5)
+    theirs = Trace_ELBO().loss(key, params, model, guide, 0.5)
+    np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
