@@ -113,6 +113,26 @@ def cell_droplets(out: CellOutputs, threshold: float | jnp.ndarray) -> dict[str,
     }
 
 
+def input_px(v, scale: float):
+    """Work-image px -> input-image px, where the work image is the input resized by 1 /
+    `scale` (pixel-centre convention: the centre of the top-left pixel is 0)."""
+    return (np.asarray(v) + 0.5) * scale - 0.5
+
+
+#: Columns of a droplet table that are lengths in px (scaled, not shifted, between images).
+LENGTH_COLUMNS = ("radius", "x_std", "y_std", "radius_std")
+
+
+def to_work_table(table: dict, scale: float) -> dict:
+    """A droplet table in input-image px mapped onto the work image (see `input_px`)."""
+    out = {**table, "x": (np.asarray(table["x"]) + 0.5) / scale - 0.5,
+           "y": (np.asarray(table["y"]) + 0.5) / scale - 0.5}
+    for col in LENGTH_COLUMNS:
+        if col in table:
+            out[col] = np.asarray(table[col]) / scale
+    return out
+
+
 def to_droplet_table(cells: dict[str, np.ndarray], shape: tuple[int, int], scale: float = 1.0):
     """The CSV table of detected droplets centred inside an image of `shape` (H, W).
 
@@ -127,13 +147,9 @@ def to_droplet_table(cells: dict[str, np.ndarray], shape: tuple[int, int], scale
     keep = cells["detected"] & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
     comp = cells["composition"][keep]
     k = comp.shape[-1]
-
-    def to_input(v):
-        return (v + 0.5) * scale - 0.5
-
     table = {
-        "x": to_input(x[keep]),
-        "y": to_input(y[keep]),
+        "x": input_px(x[keep], scale),
+        "y": input_px(y[keep], scale),
         "radius": cells["radius"][keep] * scale,
         "presence": cells["presence"][keep],
     }

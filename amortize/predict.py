@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
 from amortize.config import from_dict
-from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
+from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table, to_work_table
 from amortize.droplets import Background
 from amortize.encoder import ALIGN, CellOutputs, Encoder, decode_outputs, input_features, standardise, unmirror_raw
 from amortize.errors import AmortizeError, BadArgument, BadInput
@@ -246,13 +246,7 @@ class Predictor:
         h, w = work.shape[:2]
         background = fit_background(self.cell_outputs(work), (h, w))
         background = Background(background.colour[0], background.illumination[0])
-
-        def to_work(v):
-            return (np.asarray(v) + 0.5) / scale - 0.5
-
-        work_table = {**table, "x": to_work(table["x"]), "y": to_work(table["y"]),
-                      "radius": np.asarray(table["radius"]) / scale}
-        recon = render_table(work_table, background, self.optics, (h, w),
+        recon = render_table(to_work_table(table, scale), background, self.optics, (h, w),
                              self.run.simulation.render, self.n_types)
         # Exactly the input's size: a ratio can round a pixel short on odd sizes.
         return resize_to(recon, image.shape[:2])

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from amortize.config import _check
+from amortize.detect import to_work_table
 
 #: Rings sampled around each droplet, as fractions of its predicted radius. The last
 #: `BACKGROUND_RINGS` lie outside it (the local background).
@@ -172,13 +173,9 @@ def read_out(params: dict, image: np.ndarray, table: dict[str, np.ndarray], scal
     k = sum(1 for c in table if c.startswith("comp_"))
     if n == 0 or k == 0:
         return table
-
-    def to_work(v):
-        return (np.asarray(v, np.float32) + 0.5) / scale - 0.5
-
+    work = to_work_table(table, scale)
     comp = np.stack([table[f"comp_{i}"] for i in range(k)], axis=1)
-    feats = droplet_features(image, to_work(table["x"]), to_work(table["y"]),
-                             np.asarray(table["radius"]) / scale, comp)
+    feats = droplet_features(image, work["x"], work["y"], work["radius"], comp)
     new = np.asarray(_corrected(params, jnp.asarray(feats)), np.float32)
     return {**table, **{f"comp_{i}": new[:, i] for i in range(k)}}
 

@@ -43,7 +43,7 @@ from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
 from amortize.config import _check
-from amortize.detect import DEFAULT_THRESHOLD, cell_droplets
+from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, input_px, to_work_table
 from amortize.droplets import Background, Droplets
 from amortize.errors import AmortizeError, BadArgument
 from amortize.nuisance import gaussian_blur
@@ -435,12 +435,8 @@ def posterior_table(params: dict, anchor: dict, shape: tuple[int, int], threshol
     keep = (presence >= threshold) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
     radius = np.exp(log_r)
     comp = 1 / (1 + np.exp(-np.asarray(p["comp_loc"][0])))
-
-    def to_input(v):
-        return (v + 0.5) * scale - 0.5
-
     table = {
-        "x": to_input(x[keep]), "y": to_input(y[keep]), "radius": radius[keep] * scale,
+        "x": input_px(x[keep], scale), "y": input_px(y[keep], scale), "radius": radius[keep] * scale,
         "presence": presence[keep],
     }
     for k in range(comp.shape[-1]):
@@ -740,11 +736,7 @@ def _work_table(table: dict, scale: float, shape: tuple[int, int], reach: float)
     """An input-px table in work-scale px, without droplets centred beyond the model's
     support (the image plus `reach`), which no slot can represent."""
     h, w = shape
-    out = {**table, "x": (np.asarray(table["x"]) + 0.5) / scale - 0.5,
-           "y": (np.asarray(table["y"]) + 0.5) / scale - 0.5}
-    for col in ("radius", "x_std", "y_std", "radius_std"):
-        if col in table:
-            out[col] = np.asarray(table[col]) / scale
+    out = to_work_table(table, scale)
     inside = ((out["x"] > -0.5 - reach) & (out["x"] < w - 0.5 + reach)
               & (out["y"] > -0.5 - reach) & (out["y"] < h - 0.5 + reach))
     return {k: np.asarray(v)[inside] for k, v in out.items()}
@@ -761,9 +753,7 @@ def _render_table_input(table, background, optics, blur, image, work_shape, scal
                         n_types) -> np.ndarray:
     """Render an input-px table at the work scale with the fitted blur, brought back to the
     image's exact size."""
-    work_table = {**table, "x": (table["x"] + 0.5) / scale - 0.5, "y": (table["y"] + 0.5) / scale - 0.5,
-                  "radius": table["radius"] / scale}
-    recon = render_table(work_table, background, optics, work_shape, render_config, n_types)
+    recon = render_table(to_work_table(table, scale), background, optics, work_shape, render_config, n_types)
     return resize_to(_blurred(recon, blur), image.shape[:2])
 
 
