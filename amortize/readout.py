@@ -86,8 +86,7 @@ def n_features(channels: int, n_types: int) -> int:
 @jax.jit
 def _features(image, x, y, radius, comp):
     h, w, c = image.shape
-    p = jnp.clip(image, EPS, 1 - EPS)
-    log_odds = jnp.log(p) - jnp.log1p(-p)
+    log_odds = _logit(image)
     angle = jnp.arange(ANGLES) * (2 * jnp.pi / ANGLES)
     frac = jnp.asarray(RING_FRACTIONS)
     r = radius[:, None, None] * frac[None, :, None]  # (N, R, 1)

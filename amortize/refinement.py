@@ -531,7 +531,6 @@ def propose_births(params: dict, anchor: dict, image: np.ndarray, recon: np.ndar
 # SVI
 
 
-@functools.lru_cache(maxsize=8)
 class OrderedTraceELBO(ELBO):
     """numpyro's `Trace_ELBO` estimator (one guide draw, the model replayed on it), with the
     sites summed in the traces' own order.
@@ -550,6 +549,7 @@ class OrderedTraceELBO(ELBO):
         return {"loss": guide_log_q - model_log_p, "mutable_state": None}
 
 
+@functools.lru_cache(maxsize=8)
 def solver(n_slots: int, scene, encoder, render_config, wake: WakeConfig, freeze_optics: bool,
             learning_rate: float):
     """(SVI, its jitted init, a jitted run of n steps) for one static set-up, cached: later
