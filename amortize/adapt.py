@@ -14,9 +14,13 @@ reconstruction-only training from scratch gets stuck, so the warm start is the d
    drawn from the refitted prior and rendered by the *current* decoder, so that synthetic
    scenes come to look like the user's.
 
+Then, `adapt.decoder_fit_steps` steps: the optics alone are fitted to the final encoder's
+point estimates on corpus crops (`amortize.decoder_fit`), since the wake ELBO leaves them
+fitted to its sampled, blurred answers rather than to the means a reconstruction renders.
+
 The workdir is laid out as for simulation training and resumes the same way. Every checkpoint
-holds {step, params (encoder), decoder, wake_opt, sleep_opt}, and its config records the
-prior in force, so a resumed run continues with the prior it had.
+holds {step, params (encoder), decoder, wake_opt, sleep_opt, decoder_opt}, and its config
+records the prior in force, so a resumed run continues with the prior it had.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import dataclasses
 import functools
 import math
 import pathlib
+import sys
 import time
 import tomllib
 
@@ -37,6 +42,7 @@ from tqdm.auto import tqdm
 from amortize import checkpoint
 from amortize.config import SceneConfig, SimulationConfig, _check, from_dict, to_dict
 from amortize.corpus import Corpus, sample_crops
+from amortize.decoder_fit import fit_targets, make_fit_step
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.encoder import EncoderConfig, encode
 from amortize.errors import BadArgument, BadInput
@@ -56,7 +62,10 @@ class AdaptConfig:
     Attributes:
         cycles: wake-refit-sleep cycles.
         wake_steps, sleep_steps: steps of each phase per cycle (sleep may be 0).
-        encoder_learning_rate: Adam step of the encoder in the wake phase.
+        encoder_learning_rate: Adam step of the encoder in the wake phase. 0, with no sleep
+            steps, freezes the encoder: only the decoder adapts, so detection stays exactly
+            that of the `--init` model, whose composition read-out then stays valid and is
+            kept.
         decoder_learning_rate: Adam step of the optics and noise (they start from a generic
             droplet and have further to go).
         sleep_learning_rate: Adam step of the encoder in the sleep phase.
@@ -65,6 +74,9 @@ class AdaptConfig:
             starting optics instead of the refitted ones, so that adapting to one corpus
             does not unlearn the scenes the model was trained on.
         refit_crops: corpus crops the prior is refitted on.
+        decoder_fit_steps: full-batch Adam steps of the final optics fit (0: none).
+        decoder_fit_crops: corpus crops (of the wake crop size) the optics are fitted on.
+        decoder_fit_learning_rate: its Adam step.
         threshold: presence at which the refit counts a detection.
         seed: crops, augmentations and simulated scenes derive from it and the step.
         checkpoint_every, log_every, preview_every: as for simulation training.
@@ -79,6 +91,9 @@ class AdaptConfig:
     grad_clip: float = 1.0
     anchor_fraction: float = 0.5
     refit_crops: int = 32
+    decoder_fit_steps: int = 0
+    decoder_fit_crops: int = 16
+    decoder_fit_learning_rate: float = 3e-3
     threshold: float = DEFAULT_THRESHOLD
     seed: int = 0
     checkpoint_every: int = 50
@@ -89,27 +104,38 @@ class AdaptConfig:
         _check(self.cycles >= 1, "cycles", "must be >= 1")
         _check(self.wake_steps >= 1, "wake_steps", "must be >= 1")
         _check(self.sleep_steps >= 0, "sleep_steps", "must be >= 0")
-        for name in ("encoder_learning_rate", "decoder_learning_rate", "sleep_learning_rate", "grad_clip"):
+        _check(self.encoder_learning_rate >= 0, "encoder_learning_rate", "must be >= 0")
+        for name in ("decoder_learning_rate", "sleep_learning_rate", "grad_clip"):
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(0 <= self.anchor_fraction < 1, "anchor_fraction", "must be in [0, 1)")
         _check(self.refit_crops >= 1, "refit_crops", "must be >= 1")
+        _check(self.decoder_fit_steps >= 0, "decoder_fit_steps", "must be >= 0")
+        _check(self.decoder_fit_crops >= 1, "decoder_fit_crops", "must be >= 1")
+        _check(self.decoder_fit_learning_rate > 0, "decoder_fit_learning_rate", "must be > 0")
         _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
         for name in ("checkpoint_every", "log_every", "preview_every"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
 
     @classmethod
     def tiny(cls) -> "AdaptConfig":
-        return cls(cycles=1, wake_steps=2, sleep_steps=2, refit_crops=2, checkpoint_every=2,
-                   log_every=1, preview_every=2)
+        return cls(cycles=1, wake_steps=2, sleep_steps=2, refit_crops=2, decoder_fit_steps=2,
+                   decoder_fit_crops=2, checkpoint_every=2, log_every=1, preview_every=2)
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return self.encoder_learning_rate == 0 and self.sleep_steps == 0
 
     @property
     def steps(self) -> int:
-        return self.cycles * (self.wake_steps + self.sleep_steps)
+        return self.cycles * (self.wake_steps + self.sleep_steps) + self.decoder_fit_steps
 
     def phase(self, step: int) -> tuple[str, int, int]:
         """(phase, cycle, step within the phase) of global step index `step`; the phase is
-        "wake", "sleep" (refitted prior, current decoder) or "anchor" (the recipe's prior)."""
+        "wake", "sleep" (refitted prior, current decoder), "anchor" (the recipe's prior) or,
+        after the last cycle, "decoder" (the final optics fit)."""
         cycle, within = divmod(step, self.wake_steps + self.sleep_steps)
+        if cycle >= self.cycles:
+            return "decoder", self.cycles, step - self.cycles * (self.wake_steps + self.sleep_steps)
         if within < self.wake_steps:
             return "wake", cycle, within
         within -= self.wake_steps
@@ -139,8 +165,13 @@ class AdaptRun:
         return RunConfig(dataclasses.replace(self.simulation, scene=scene), self.encoder, self.train)
 
 
-def load_adapt_recipe(path: str | pathlib.Path, encoder: EncoderConfig) -> AdaptRun:
-    """Parse an adaptation recipe ([simulation.*], [train], [wake], [adapt]; all optional)."""
+def load_adapt_recipe(path: str | pathlib.Path, encoder: EncoderConfig,
+                      simulation: SimulationConfig | None = None) -> AdaptRun:
+    """Parse an adaptation recipe ([simulation.*], [train], [wake], [adapt]; all optional).
+
+    A recipe without [simulation] tables takes `simulation` (the `--init` model's), so that
+    the adapted model keeps the prior and rendering settings it was trained with.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise BadInput(path, "recipe not found" if not path.exists() else "recipe must be a file")
@@ -151,6 +182,8 @@ def load_adapt_recipe(path: str | pathlib.Path, encoder: EncoderConfig) -> Adapt
     if "encoder" in data:
         raise BadInput(path, "an adaptation recipe takes its [encoder] from --init; remove the table")
     try:
+        if "simulation" not in data and simulation is not None:
+            data["simulation"] = to_dict(simulation)
         return from_dict(AdaptRun, {**data, "encoder": to_dict(encoder)})
     except BadArgument as err:
         raise BadInput(path, f"{err.subject}: {err.reason}") from None
@@ -196,8 +229,13 @@ def make_wake_step(run: AdaptRun, kwargs: dict):
     h, w = run.wake.crop
     n_obs = kwargs["n_crops"] * float(interior_mask((h, w), run.wake.border).sum()) * run.encoder.channels
 
+    frozen = run.adapt.encoder_frozen
+
     def loss_fn(trainable, key, crops):
-        params = {"encoder$params": trainable["encoder"]["params"], **trainable["decoder"]}
+        encoder = trainable["encoder"]["params"]
+        # A frozen encoder needs no backward pass (a zero step would waste half the time).
+        encoder = jax.lax.stop_gradient(encoder) if frozen else encoder
+        params = {"encoder$params": encoder, **trainable["decoder"]}
         parts = elbo_parts(params, key, crops, **kwargs)
         return -parts["elbo"] / n_obs, parts
 
@@ -275,6 +313,31 @@ def sweep(params: dict, encoder: EncoderConfig, crops: np.ndarray, threshold: fl
 # The loop
 
 
+def _decoder_fit_step(run: AdaptRun, corpus: Corpus, state: dict, config: dict):
+    """(state) -> (state, metrics): one step of the final optics fit. Its targets are the
+    frozen encoder's answers on a fixed set of crops, the same again after a resume."""
+    from amortize.predict import Predictor  # predict imports the training modules
+
+    cfg = run.adapt
+    predictor = Predictor(checkpoint.model_of_state(state), config, int(state["step"]))
+    crops = sample_crops(corpus, np.random.default_rng([cfg.seed, 3]), cfg.decoder_fit_crops,
+                         run.wake.crop, run.wake.augmentation)
+    targets = fit_targets(predictor, crops, run.wake.border)
+    if targets.n_droplets == 0:
+        # The rendering does not depend on the optics then; the fit leaves them as they are.
+        tqdm.write("warning: the encoder found no droplets in the final optics fit's crops; "
+                   "the optics stay as the wake phase left them", file=sys.stderr)
+    _, fit = make_fit_step(targets, run.simulation.render, cfg.decoder_fit_learning_rate)
+
+    def step(state):
+        optics, opt_state, rmse = fit(state["decoder"]["optics"], state["decoder_opt"])
+        new = {**state, "step": state["step"] + 1, "decoder": {**state["decoder"], "optics": optics},
+               "decoder_opt": opt_state}
+        return new, {"loss": rmse**2, "recon_rmse": rmse}
+
+    return step
+
+
 def _checkpoint_config(resolved: dict, scene: SceneConfig) -> dict:
     """The recipe with the prior currently in force (what a resumed run or export needs)."""
     return {**resolved, "simulation": {**resolved["simulation"], "scene": to_dict(scene)}}
@@ -296,6 +359,7 @@ def adapt(
     writer: Writer | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    init_readout: dict | None = None,
 ) -> dict:
     """Wake-sleep adaptation (or its resumption) in `workdir`; returns the last metrics.
 
@@ -309,6 +373,8 @@ def adapt(
         writer: metric writer (default: tensorboardX under `workdir/logs`).
         progress: show a progress bar.
         stop_after: stop (with a checkpoint) after this many steps in this call (tests).
+        init_readout: the `--init` model's composition read-out; the adapted model keeps it
+            when the recipe freezes the encoder, as it was fitted to that encoder's answers.
     """
     workdir = pathlib.Path(workdir)
     resolved = prepare_workdir(workdir, run)
@@ -323,13 +389,17 @@ def adapt(
     }
     state["wake_opt"] = wake_optimizer(cfg).init({"encoder": state["params"], "decoder": state["decoder"]})
     state["sleep_opt"] = sleep_optimizer(cfg).init(state["params"])
+    state["decoder_opt"] = optax.adam(cfg.decoder_fit_learning_rate).init(init_optics)
+    if cfg.encoder_frozen and init_readout is not None:
+        state["readout"] = init_readout
     state, saved = resume(mgr, state, workdir)
     scene = run.simulation.scene if saved is None else from_dict(SceneConfig, saved["simulation"]["scene"])
     start = int(state["step"])
     n_crops = corpus.n_crops(run.wake.crop)
     root = jax.random.PRNGKey(cfg.seed)
     wake_key, sleep_key = jax.random.fold_in(root, 4), jax.random.fold_in(root, 5)
-    refit_set = sample_crops(corpus, np.random.default_rng([cfg.seed, 1]), cfg.refit_crops, run.wake.crop)
+    refit_set = sample_crops(corpus, np.random.default_rng([cfg.seed, 1]), cfg.refit_crops, run.wake.crop,
+                             run.wake.augmentation)
     preview_crop = refit_set[0]
     compiled: dict = {}
     anchors: dict = {}  # the anchor step never changes: compile it once
@@ -341,7 +411,7 @@ def adapt(
     try:
         for step in range(start, cfg.steps):
             phase, cycle, within = cfg.phase(step)
-            if phase != "wake" and within == 0:
+            if phase in ("sleep", "anchor") and within == 0:
                 found = sweep(state["params"], run.encoder, refit_set, cfg.threshold, run.wake.batch_size)
                 noise = float(jnp.exp(state["decoder"]["log_noise"]))
                 scene = refit_scene(scene, noise=noise, **found)
@@ -352,6 +422,8 @@ def adapt(
                 compiled = {"cycle": (cycle, phase == "wake")}
                 if phase == "wake":
                     compiled["wake"] = make_wake_step(run, wake_kwargs(run, scene, n_crops, optics))
+                elif phase == "decoder":
+                    compiled["decoder"] = _decoder_fit_step(run, corpus, state, _checkpoint_config(resolved, scene))
                 else:
                     compiled["sleep"] = make_sleep_step(run, scene, optics)
                     if cfg.anchor_fraction > 0:
@@ -360,8 +432,10 @@ def adapt(
                         compiled["anchor"] = anchors["fn"]
             if phase == "wake":
                 crops = sample_crops(corpus, np.random.default_rng([cfg.seed, 2, step]),
-                                     run.wake.batch_size, run.wake.crop)
+                                     run.wake.batch_size, run.wake.crop, run.wake.augmentation)
                 state, metrics = compiled["wake"](state, jax.random.fold_in(wake_key, step), jnp.asarray(crops))
+            elif phase == "decoder":
+                state, metrics = compiled["decoder"](state)
             else:
                 state, metrics = compiled[phase](state, sleep_key)
             metrics_np = finite_metrics(metrics, f"step {step + 1} ({phase})", mgr, workdir)

@@ -86,11 +86,11 @@ def load_model(path: str | pathlib.Path) -> tuple[dict, dict, int]:
         raise BadInput(directory / str(step), f"corrupt checkpoint ({_short(err)})") from None
     finally:
         mgr.close()
-    params = tree if item == "params" else _model_of_state(tree)
+    params = tree if item == "params" else model_of_state(tree)
     return params, config, int(step)
 
 
-def _model_of_state(state: dict) -> dict:
+def model_of_state(state: dict) -> dict:
     """What predict needs of a training state: the encoder variables, plus the learned
     decoder (an extra `decoder` collection) when the run learned one (wake-sleep), and the
     composition read-out once it has been fitted."""

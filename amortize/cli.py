@@ -89,7 +89,7 @@ def _adapt(args, writer) -> dict:
     from amortize.predict import Predictor
 
     init = Predictor.load(args.init)
-    run = load_adapt_recipe(args.config, init.run.encoder)
+    run = load_adapt_recipe(args.config, init.run.encoder, init.run.simulation)
 
     def warn(line):
         print(f"amortize train: warning: {line}", file=sys.stderr)
@@ -101,7 +101,7 @@ def _adapt(args, writer) -> dict:
         print(f"using {len(corpus.images)} image(s) of {args.data}; skipped {len(corpus.skipped)}",
               file=sys.stderr)
     return adapt(run, corpus, args.workdir, init.params, init.optics, writer=writer,
-                 progress=not args.quiet)
+                 progress=not args.quiet, init_readout=init.readout)
 
 
 def cmd_export(args) -> int:

@@ -84,6 +84,10 @@ def load_corpus(folder: str | pathlib.Path, crop: tuple[int, int], warn=None) ->
     return Corpus(images, kept, skipped)
 
 
+#: The crop augmentations `sample_crops` knows.
+AUGMENTATIONS = ("turns", "mirror", "none")
+
+
 def augment(crop: np.ndarray, code: int) -> np.ndarray:
     """One of the 8 flips and quarter turns of a square crop; `code` in 0..7."""
     if code & 4:
@@ -91,16 +95,24 @@ def augment(crop: np.ndarray, code: int) -> np.ndarray:
     return np.rot90(crop, k=code & 3, axes=(0, 1))
 
 
-def sample_crops(corpus: Corpus, rng: np.random.Generator, batch: int, crop: tuple[int, int]) -> np.ndarray:
+def sample_crops(corpus: Corpus, rng: np.random.Generator, batch: int, crop: tuple[int, int],
+                 augmentation: str = "turns") -> np.ndarray:
     """(batch, H, W, 3) float32 crops in [0, 1], images picked in proportion to their area.
 
-    Square crops get any of the 8 flips and quarter turns; rectangular ones only those that
-    keep their shape (flips and half turns).
+    `augmentation` (one of `AUGMENTATIONS`): "turns" gives square crops any of the 8 flips
+    and quarter turns, rectangular ones those that keep their shape (flips and half turns);
+    "mirror" only left-right mirrors, for optics with a direction (a caustic on the droplets'
+    lower side stays below them); "none" keeps the crops as they are.
     """
+    if augmentation not in AUGMENTATIONS:
+        raise BadArgument("augmentation", f"must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}")
     h, w = crop
     areas = np.array([im.shape[0] * im.shape[1] for im in corpus.images], np.float64)
     picks = rng.choice(len(corpus.images), size=batch, p=areas / areas.sum())
-    codes = rng.integers(0, 8, size=batch) if h == w else 2 * rng.integers(0, 4, size=batch)
+    if augmentation == "turns":
+        codes = rng.integers(0, 8, size=batch) if h == w else 2 * rng.integers(0, 4, size=batch)
+    else:  # code 4 is the left-right mirror
+        codes = 4 * rng.integers(0, 2 if augmentation == "mirror" else 1, size=batch)
     out = np.empty((batch, h, w, 3), np.float32)
     for i, (k, code) in enumerate(zip(picks, codes)):
         image = corpus.images[k]

@@ -23,10 +23,16 @@ from amortize.wake import fit_background
 SLOT_BUCKET = 256
 
 
-def droplets_from_table(table: dict[str, np.ndarray], n_types: int) -> Droplets:
-    """Droplets of a table, padded with absent slots to a multiple of `SLOT_BUCKET`."""
+def slot_count(n: int) -> int:
+    """Slots for n droplets: n rounded up to a multiple of `SLOT_BUCKET`."""
+    return max(SLOT_BUCKET, -(-n // SLOT_BUCKET) * SLOT_BUCKET)
+
+
+def droplets_from_table(table: dict[str, np.ndarray], n_types: int, slots: int = 0) -> Droplets:
+    """Droplets of a table, padded with absent slots to `slot_count` (or to `slots`, when
+    that is more, so that several tables stack)."""
     n = len(table["x"])
-    size = max(SLOT_BUCKET, -(-n // SLOT_BUCKET) * SLOT_BUCKET)
+    size = max(slot_count(n), slots)
 
     def padded(v, fill):
         out = np.full((size,) + np.shape(v)[1:], fill, np.float32)

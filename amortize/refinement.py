@@ -48,7 +48,7 @@ from amortize.droplets import Background, Droplets
 from amortize.errors import AmortizeError, BadArgument
 from amortize.nuisance import gaussian_blur
 from amortize.predict import MIN_SIDE, Predictor, check_image, resize, resize_to
-from amortize.reconstruct import SLOT_BUCKET, render_table, rmse
+from amortize.reconstruct import SLOT_BUCKET, render_table, rmse, slot_count
 from amortize.render import render_logits
 from amortize.wake import (
     ABSENT_LOGIT, BACKGROUND_EPS, COMP_LOGIT_LIMIT, WakeConfig, _reach, candidate_slots,
@@ -195,10 +195,6 @@ def pick_device(name: str) -> jax.Device:
 # Slots: anchors and starting values, from the encoder or from a table
 
 
-def _bucket(n: int) -> int:
-    return max(SLOT_BUCKET, -(-n // SLOT_BUCKET) * SLOT_BUCKET)
-
-
 #: Trust region of refinement around each slot's starting answer: a centre moves at most
 #: max(TRUST_PX, TRUST_RADII * r) px and a radius changes by at most a factor
 #: exp(+-TRUST_LOG_RADIUS). The nearest-droplet compositing gives no gradient for the pixels
@@ -283,7 +279,7 @@ def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: flo
     # Predict also reports confident cells that are not 3 x 3 peaks; they are slots too.
     reported = cell_droplets(one, DEFAULT_THRESHOLD)["detected"][None]
     n_found = int(jnp.sum((peak & (p >= min_presence)) | reported))
-    n_slots = min(_bucket(int(n_found * (1 + spare)) + SLOT_BUCKET // 16), out.logit.size)
+    n_slots = min(slot_count(int(n_found * (1 + spare)) + SLOT_BUCKET // 16), out.logit.size)
     slots = jax.device_get(candidate_slots(out, n_slots, (h, w), include=reported))
     # What predict reports (a peak's presence summed over its 3 x 3 cells) starts confident:
     # a relaxed draw leaves out a slot of presence p with probability 1 - p, and at the
@@ -320,7 +316,7 @@ def slots_from_table(table: dict[str, np.ndarray], n_types: int, spare: float) -
     spare slots."""
     check_start_table(table, n_types)
     n = len(table["x"])
-    size = _bucket(int(n * (1 + spare)) + SLOT_BUCKET // 16)
+    size = slot_count(int(n * (1 + spare)) + SLOT_BUCKET // 16)
 
     def col(name, fill):
         v = np.full(size, fill, np.float32)

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 import tomllib
 
@@ -248,6 +249,11 @@ class NonFinite(AmortizeError):
     """Training produced NaN or inf; the last good checkpoint is kept."""
 
 
+#: Parts of a training state that runs saved by earlier versions lack: the composition
+#: read-out's state and the optimiser of adaptation's final optics fit.
+LATER_STATE = ("readout", "decoder_opt")
+
+
 def resume(mgr, state: dict, workdir: pathlib.Path) -> tuple[dict, dict | None]:
     """(state, saved config) from the workdir's latest checkpoint, or (state, None) if none."""
     latest = mgr.latest_step()
@@ -256,13 +262,14 @@ def resume(mgr, state: dict, workdir: pathlib.Path) -> tuple[dict, dict | None]:
     try:
         return checkpoint.restore(mgr, latest, "state", target=state)
     except Exception as err:
-        if "readout" in state:
-            # Perhaps a run saved before its recipe had a read-out: the encoder's state,
-            # with a fresh, unfitted read-out.
+        later = {k: v for k, v in state.items() if k in LATER_STATE}
+        if later:
+            # Perhaps a run saved before its recipe had these parts (a read-out, the final
+            # optics fit): the rest as saved, the new parts fresh.
             try:
-                encoder_state = {k: v for k, v in state.items() if k != "readout"}
-                restored, config = checkpoint.restore(mgr, latest, "state", target=encoder_state)
-                return {**restored, "readout": state["readout"]}, config
+                earlier = {k: v for k, v in state.items() if k not in LATER_STATE}
+                restored, config = checkpoint.restore(mgr, latest, "state", target=earlier)
+                return {**restored, **later}, config
             except Exception:
                 pass
         raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(latest),
@@ -428,7 +435,7 @@ def train_readout(run: RunConfig, state: dict, resolved: dict, progress: bool = 
     params, metrics = fit_readout(features, targets, groups, run.readout)
     if metrics["droplets_fit"] == 0:
         tqdm.write("warning: the encoder found droplets in fewer than two of the read-out's "
-                   "scenes; the read-out keeps the encoder's compositions")
+                   "scenes; the read-out keeps the encoder's compositions", file=sys.stderr)
     metrics["readout_seconds"] = time.perf_counter() - t0
     return {**params, "fitted": jnp.ones((), jnp.int32)}, metrics
 

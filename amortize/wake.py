@@ -50,6 +50,7 @@ from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
 from amortize.config import RenderConfig, SceneConfig, _check
+from amortize.corpus import AUGMENTATIONS
 from amortize.droplets import N_ILLUMINATION, Droplets, Background, illumination_at
 from amortize.encoder import (
     ALIGN, OFFSET_REACH, CellOutputs, Encoder, EncoderConfig, cell_centres, decode_outputs,
@@ -87,6 +88,11 @@ class WakeConfig:
         noise_init: starting pixel noise scale of the decoder.
         blur_max: if > 0, the model blurs its rendering with a learned Gaussian of sigma in
             (0, blur_max) px (the microscope's defocus; simulated scenes are blurred too).
+        augmentation: of the corpus crops (`amortize.corpus.AUGMENTATIONS`): "turns" (flips
+            and quarter turns) for looks without a direction; "mirror" when the light comes
+            from one side, as on ../shared/data/droplets, whose caustic is always below the
+            droplet: a turned crop shows a look the optics cannot draw, and the fitted optics
+            average the caustic away.
     """
 
     crop: tuple[int, int] = (160, 160)
@@ -96,6 +102,7 @@ class WakeConfig:
     slot_sd: float = 4.0
     noise_init: float = 0.03
     blur_max: float = 0.0
+    augmentation: str = "turns"
 
     def __post_init__(self) -> None:
         _check(len(self.crop) == 2 and min(self.crop) >= 32, "crop", "need two sizes >= 32 px")
@@ -105,6 +112,7 @@ class WakeConfig:
         _check(self.slot_sd >= 0, "slot_sd", "must be >= 0")
         _check(self.noise_init > 0, "noise_init", "must be > 0")
         _check(0 <= self.blur_max <= 8, "blur_max", "must be in [0, 8] px")
+        _check(self.augmentation in AUGMENTATIONS, "augmentation", f"must be one of {', '.join(AUGMENTATIONS)}")
 
     @classmethod
     def tiny(cls) -> "WakeConfig":

@@ -35,6 +35,10 @@ def test_phase_schedule():
     # Half the sleep steps are anchors, interleaved.
     cfg = AdaptConfig(cycles=1, wake_steps=1, sleep_steps=4, anchor_fraction=0.5)
     assert [cfg.phase(s)[0] for s in range(cfg.steps)] == ["wake", "sleep", "anchor", "sleep", "anchor"]
+    # The final optics fit follows the last cycle.
+    cfg = AdaptConfig(cycles=2, wake_steps=1, sleep_steps=1, anchor_fraction=0.0, decoder_fit_steps=2)
+    assert cfg.steps == 6
+    assert [cfg.phase(s) for s in range(4, 6)] == [("decoder", 2, 0), ("decoder", 2, 1)]
 
 
 def test_recipe_takes_the_encoder_from_init(tmp_path):
@@ -47,9 +51,12 @@ def test_recipe_takes_the_encoder_from_init(tmp_path):
     bad.write_text("[adapt]\ncycles = 0\n")
     with pytest.raises(BadInput, match="cycles"):
         load_adapt_recipe(bad, ENCODER)
+    bad.write_text('[wake]\naugmentation = "spin"\n')
+    with pytest.raises(BadInput, match="augmentation"):
+        load_adapt_recipe(bad, ENCODER)
 
 
-def test_wake_sleep_cycle_resumes_refits_and_reloads_for_predict(tmp_path, corpus_dir, optics):
+def test_wake_sleep_cycle_resumes_refits_and_reloads_for_predict(tmp_path, corpus_dir, optics, capsys):
     run = load_adapt_recipe(RECIPE, ENCODER)
     corpus = load_corpus(corpus_dir, run.wake.crop)
     work = tmp_path / "work"
@@ -57,10 +64,19 @@ def test_wake_sleep_cycle_resumes_refits_and_reloads_for_predict(tmp_path, corpu
     # Crash after the wake phase, then resume: the sleep phase refits the prior.
     first = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, stop_after=2)
     assert first["step"] == 2
+    second = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, stop_after=2)
+    assert second["step"] == 4
+    before_fit = load_model(work)[0]["decoder"]["optics"]
+    # Resumed into the final optics fit (tests/test_decoder_fit.py checks what it learns).
+    # This untrained encoder finds no droplet, so the fit says so and leaves the optics.
     final = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False)
-    assert final["step"] == run.adapt.steps == 4
+    assert final["step"] == run.adapt.steps == 6  # 2 wake, 2 sleep, 2 final optics fit
+    assert np.isfinite(final["recon_rmse"])
+    assert "found no droplets in the final optics fit" in capsys.readouterr().err
+    unchanged = jax.tree_util.tree_map(np.array_equal, load_model(work)[0]["decoder"]["optics"], before_fit)
+    assert all(jax.tree_util.tree_leaves(unchanged))
     params, config, step = load_model(work)
-    assert step == 4 and "decoder" in params
+    assert step == 6 and "decoder" in params
     assert config["simulation"]["scene"] != json.loads((work / "config.json").read_text())["simulation"]["scene"]
     # The decoder learned in the wake phase moved away from where it started.
     moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), params["decoder"]["optics"], optics)
@@ -72,3 +88,40 @@ def test_wake_sleep_cycle_resumes_refits_and_reloads_for_predict(tmp_path, corpu
     table = predictor.predict(image)
     recon = predictor.reconstruct(image, table)
     assert recon.shape == image.shape and np.all((recon >= 0) & (recon <= 1))
+
+
+def test_a_frozen_encoder_keeps_detection_and_the_read_out(tmp_path, corpus_dir, optics):
+    from amortize.readout import ReadoutConfig, init_readout
+
+    run = load_adapt_recipe(RECIPE, ENCODER)
+    run = dataclasses.replace(run, adapt=dataclasses.replace(run.adapt, encoder_learning_rate=0.0, sleep_steps=0))
+    assert run.adapt.encoder_frozen and run.adapt.steps == 4  # 2 wake, 2 final optics fit
+    corpus = load_corpus(corpus_dir, run.wake.crop)
+    init = init_encoder(jax.random.PRNGKey(0), ENCODER)
+    readout = {**init_readout(ReadoutConfig(), 3, 3), "fitted": np.ones((), np.int32)}
+    adapt(run, corpus, tmp_path / "w", init, optics, writer=NullWriter(), progress=False, init_readout=readout)
+    params, _, step = load_model(tmp_path / "w")
+    assert step == 4 and "decoder" in params and "readout" in params
+    same = jax.tree_util.tree_map(np.array_equal, {"params": params["params"]}, jax.device_get(dict(init)))
+    assert all(jax.tree_util.tree_leaves(same))
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), params["decoder"]["optics"], optics)
+    assert max(jax.tree_util.tree_leaves(moved)) > 0  # the wake steps taught the decoder
+    assert Predictor.load(tmp_path / "w").readout is not None
+    # An encoder that learns makes the read-out stale: it is not carried over.
+    adapt(load_adapt_recipe(RECIPE, ENCODER), corpus, tmp_path / "v", init, optics, writer=NullWriter(),
+          progress=False, init_readout=readout)
+    assert "readout" not in load_model(tmp_path / "v")[0]
+
+
+def test_a_recipe_without_simulation_keeps_the_init_models(tmp_path):
+    from amortize.config import SimulationConfig
+
+    own = SimulationConfig()
+    own = dataclasses.replace(own, scene=dataclasses.replace(own.scene, radius_max=17.0))
+    bare = tmp_path / "bare.toml"
+    bare.write_text("[adapt]\ncycles = 1\nencoder_learning_rate = 0.0\nsleep_steps = 0\n")
+    assert load_adapt_recipe(bare, ENCODER, own).simulation == own
+    assert load_adapt_recipe(RECIPE, ENCODER, own).simulation != own  # the recipe's own tables
+    bare.write_text("[adapt]\nencoder_learning_rate = -1e-4\n")
+    with pytest.raises(BadInput, match="encoder_learning_rate"):
+        load_adapt_recipe(bare, ENCODER)

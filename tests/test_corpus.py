@@ -3,7 +3,7 @@ import pytest
 
 from amortize import io
 from amortize.corpus import augment, load_corpus, sample_crops
-from amortize.errors import BadInput
+from amortize.errors import BadArgument, BadInput
 
 
 def _folder(tmp_path):
@@ -58,3 +58,33 @@ def test_augment_gives_the_eight_symmetries():
     crop = np.arange(9).reshape(3, 3, 1)
     variants = {augment(crop, code).tobytes() for code in range(8)}
     assert len(variants) == 8
+
+
+def _crop_source_views(corpus, crop, mode, n=40):
+    """For each sampled crop, which views of the image it matches ("same", "mirror", "other")."""
+    image = corpus.images[0].astype(np.float32) / 255.0
+    h, w = crop
+    windows = {image[y:y + h, x:x + w].tobytes() for y in range(image.shape[0] - h + 1)
+               for x in range(image.shape[1] - w + 1)}
+    views = set()
+    for c in sample_crops(corpus, np.random.default_rng(3), n, crop, mode):
+        if c.tobytes() in windows:
+            views.add("same")
+        elif np.ascontiguousarray(c[:, ::-1]).tobytes() in windows:
+            views.add("mirror")
+        else:
+            views.add("other")
+    return views
+
+
+def test_mirror_and_none_keep_the_light_from_one_side(tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    io.write_png(folder / "a.png", rng.random((40, 44, 3)).astype(np.float32))
+    corpus = load_corpus(folder, (36, 36))
+    assert _crop_source_views(corpus, (36, 36), "none") == {"same"}
+    assert _crop_source_views(corpus, (36, 36), "mirror") == {"same", "mirror"}
+    assert "other" in _crop_source_views(corpus, (36, 36), "turns")  # turned or flipped upside down
+    with pytest.raises(BadArgument, match="augmentation"):
+        sample_crops(corpus, rng, 2, (36, 36), "spin")
