@@ -232,6 +232,27 @@ def test_general_model_finds_droplets_of_another_look():
     assert m.fp < 0.1 * (m.tp + m.fp)
 
 
+def test_default_model_is_the_simulated_one_with_an_adapted_decoder(default_predictor):
+    """checkpoints/default adapted only its decoder (train/adapt_default.toml): encoder and
+    read-out are checkpoints/simulated's, so both detect the same droplets."""
+    import pathlib
+
+    import jax
+
+    from amortize.optics import default_optics_params
+    from amortize.predict import Predictor
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "simulated"
+    if not path.exists():
+        pytest.fail(f"the shipped simulation-trained model is missing: {path}")
+    simulated = Predictor.load(path)
+    same = lambda a, b: all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, a, b)))
+    assert same(default_predictor.params, simulated.params)
+    assert same(default_predictor.readout, simulated.readout)
+    assert simulated.decoder is None and default_predictor.decoder is not None
+    assert not same(default_predictor.optics, default_optics_params(3, 3))
+
+
 def test_log_odds_model_predicts_alone_batched_and_tiled():
     """A model reading log-odds too: every inference path feeds it the same six channels."""
     import dataclasses
