@@ -5,11 +5,12 @@ compositions, radii and positions drawn from the encoder's posterior, whose comp
 scales are broad (the simulation-trained encoder's composition R^2 is about 0.9). The optics
 that maximise the expected likelihood under that noise are a blurred average of the looks it
 mixes (faded dye colours, a weak caustic), while a reconstruction renders the posterior
-*means*. On ../shared/data/droplets this gap was most of the reconstruction error: refitting
-only the optics of a wake-sleep model to its own mean predictions took the full-resolution
-reconstruction RMSE from 0.037 to 0.030 (BENCHMARKS.md).
+*means*. On ../shared/data/droplets refitting only the optics of a wake-sleep model to its
+own mean answers took the full-resolution reconstruction RMSE from 0.037 to 0.030, and the
+simulation-trained model's from 0.062 (built-in optics) to 0.037 (BENCHMARKS.md).
 
-So adaptation ends with this step, an M-step at the encoder's point estimates: the encoder
+So adaptation can end with this step (`[adapt] decoder_fit_steps`), an M-step at the
+encoder's point estimates: the encoder
 is frozen, its `Predictor` answer (the same inference `predict` uses) is computed once on a
 fixed set of corpus crops, and the optics are fitted by full-batch Adam on the squared error
 of the rendering over each crop's interior (droplets centred past the edge are missed by the
@@ -17,6 +18,8 @@ encoder, so the border is left out as in the wake ELBO).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,7 @@ from amortize.render import render
 from amortize.wake import fit_background, interior_mask
 
 
-class FitTargets:
+class FitTargets(NamedTuple):
     """What the optics are fitted to: crops, the encoder's droplets and backgrounds.
 
     Attributes:
@@ -40,8 +43,10 @@ class FitTargets:
         inside: (H, W, 1) 1 where a pixel counts, 0 in the border.
     """
 
-    def __init__(self, images: np.ndarray, droplets: Droplets, background: Background, inside: np.ndarray):
-        self.images, self.droplets, self.background, self.inside = images, droplets, background, inside
+    images: np.ndarray
+    droplets: Droplets
+    background: Background
+    inside: np.ndarray
 
     @property
     def n_droplets(self) -> int:
@@ -84,13 +89,13 @@ def squared_error(optics: dict, targets: FitTargets, config: RenderConfig) -> jn
 def make_fit_step(targets: FitTargets, config: RenderConfig, learning_rate: float):
     """(optimizer, jitted step (optics, opt_state) -> (optics, opt_state, rmse))."""
     tx = optax.adam(learning_rate)
-    images, inside = jnp.asarray(targets.images), jnp.asarray(targets.inside)
-    fixed = FitTargets(images, targets.droplets, targets.background, inside)
+    # Passed as an argument, not closed over: the crops would otherwise be compiled in.
+    targets = jax.tree_util.tree_map(jnp.asarray, targets)
 
     @jax.jit
-    def step(optics, opt_state):
-        loss, grads = jax.value_and_grad(squared_error)(optics, fixed, config)
+    def fit_step(optics, opt_state, targets):
+        loss, grads = jax.value_and_grad(squared_error)(optics, targets, config)
         updates, opt_state = tx.update(grads, opt_state, optics)
         return optax.apply_updates(optics, updates), opt_state, jnp.sqrt(loss)
 
-    return tx, step
+    return tx, lambda optics, opt_state: fit_step(optics, opt_state, targets)
