@@ -64,17 +64,12 @@ def test_wake_sleep_cycle_resumes_refits_and_reloads_for_predict(tmp_path, corpu
     # Crash after the wake phase, then resume: the sleep phase refits the prior.
     first = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, stop_after=2)
     assert first["step"] == 2
-    second = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, stop_after=2)
-    assert second["step"] == 4
-    before_fit = load_model(work)[0]["decoder"]["optics"]
-    # Resumed into the final optics fit (tests/test_decoder_fit.py checks what it learns).
-    # This untrained encoder finds no droplet, so the fit says so and leaves the optics.
+    # Then the final optics fit (tests/test_decoder_fit.py checks what it learns). This
+    # untrained encoder finds no droplet there, and the fit says so.
     final = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False)
     assert final["step"] == run.adapt.steps == 6  # 2 wake, 2 sleep, 2 final optics fit
     assert np.isfinite(final["recon_rmse"])
     assert "found no droplets in the final optics fit" in capsys.readouterr().err
-    unchanged = jax.tree_util.tree_map(np.array_equal, load_model(work)[0]["decoder"]["optics"], before_fit)
-    assert all(jax.tree_util.tree_leaves(unchanged))
     params, config, step = load_model(work)
     assert step == 6 and "decoder" in params
     assert config["simulation"]["scene"] != json.loads((work / "config.json").read_text())["simulation"]["scene"]
@@ -109,7 +104,7 @@ def test_a_frozen_encoder_keeps_detection_and_the_read_out(tmp_path, corpus_dir,
     assert Predictor.load(tmp_path / "w").readout is not None
     # An encoder that learns makes the read-out stale: it is not carried over.
     adapt(load_adapt_recipe(RECIPE, ENCODER), corpus, tmp_path / "v", init, optics, writer=NullWriter(),
-          progress=False, init_readout=readout)
+          progress=False, init_readout=readout, stop_after=1)
     assert "readout" not in load_model(tmp_path / "v")[0]
 
 
