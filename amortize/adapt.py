@@ -233,7 +233,7 @@ def make_wake_step(run: AdaptRun, kwargs: dict):
 
     def loss_fn(trainable, key, crops):
         encoder = trainable["encoder"]["params"]
-        # A frozen encoder needs no backward pass (a zero step would waste half the time).
+        # A frozen encoder gets no gradient, so none is computed for it.
         encoder = jax.lax.stop_gradient(encoder) if frozen else encoder
         params = {"encoder$params": encoder, **trainable["decoder"]}
         parts = elbo_parts(params, key, crops, **kwargs)
