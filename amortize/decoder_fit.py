@@ -30,7 +30,7 @@ from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets
 from amortize.reconstruct import droplets_from_table, slot_count
 from amortize.render import render
-from amortize.wake import fit_background, interior_mask
+from amortize.wake import interior_mask
 
 
 class FitTargets(NamedTuple):
@@ -56,12 +56,8 @@ class FitTargets(NamedTuple):
 def fit_targets(predictor, crops: np.ndarray, border: int) -> FitTargets:
     """The predictor's answer (droplets and fitted background) on each of `crops` (B, H, W, C)."""
     crops = np.asarray(crops, np.float32)
-    h, w = crops.shape[1:3]
-    tables, backgrounds = [], []
-    for crop in crops:
-        tables.append(predictor.predict(crop))
-        background = fit_background(predictor.cell_outputs(crop), (h, w))
-        backgrounds.append(Background(background.colour[0], background.illumination[0]))
+    tables = [predictor.predict(crop) for crop in crops]
+    backgrounds = [predictor.background(crop) for crop in crops]
     return targets_from_tables(crops, tables, backgrounds, predictor.n_types, border)
 
 

@@ -236,6 +236,12 @@ class Predictor:
         scene = self.run.simulation.scene
         return default_optics_params(scene.n_types, scene.channels)
 
+    def background(self, work: np.ndarray) -> Background:
+        """The model's background (colour and illumination field) fitted to the encoder's
+        background map of one working-scale image (H, W, C)."""
+        fitted = fit_background(self.cell_outputs(work), work.shape[:2])
+        return Background(fitted.colour[0], fitted.illumination[0])
+
     def reconstruct(self, image: np.ndarray, table: dict[str, np.ndarray],
                     scale: float | None = None) -> np.ndarray:
         """The decoder's rendering (H, W, 3) of `table` (from `predict` with the same
@@ -244,9 +250,7 @@ class Predictor:
         scale = 1.0 if scale is None else float(scale)
         work = resize(image, scale)
         h, w = work.shape[:2]
-        background = fit_background(self.cell_outputs(work), (h, w))
-        background = Background(background.colour[0], background.illumination[0])
-        recon = render_table(to_work_table(table, scale), background, self.optics, (h, w),
+        recon = render_table(to_work_table(table, scale), self.background(work), self.optics, (h, w),
                              self.run.simulation.render, self.n_types)
         # Exactly the input's size: a ratio can round a pixel short on odd sizes.
         return resize_to(recon, image.shape[:2])
