@@ -114,14 +114,17 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     from amortize.detect import DEFAULT_THRESHOLD
+    from amortize.autoscale import parse_scale
     from amortize.predict import Predictor, predict_files
 
     if args.threshold is None:
         args.threshold = DEFAULT_THRESHOLD
     if not 0 < args.threshold < 1:
         raise BadArgument("--threshold", f"must be in (0, 1), got {args.threshold}")
-    if args.scale is not None and not args.scale > 0:
-        raise BadArgument("--scale", f"must be > 0, got {args.scale}")
+    try:
+        args.scale = parse_scale(args.scale)
+    except ValueError:
+        raise BadArgument("--scale", f"must be 'auto' or a number > 0, got {args.scale}") from None
     predictor = Predictor.load(args.checkpoint)
     done, errors = predict_files(
         args.inputs, args.out, predictor, threshold=args.threshold, scale=args.scale,
@@ -231,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: checkpoints/default)")
     pr.add_argument("--threshold", type=float,
                     help="presence to report (0-1; default: amortize.detect.DEFAULT_THRESHOLD, 0.4)")
-    pr.add_argument("--scale", type=float,
+    pr.add_argument("--scale", default="auto",
                     help="input px per encoder px; the default model covers radii 1.5-40 px "
-                    "at 1, use 2 for 3-80 px")
+                    "at 1, use 2 for 3-80 px. Default auto: 1, unless most droplets are "
+                    "under 4 px and an enlarged image (0.5, 0.25) is reconstructed better")
     pr.add_argument("--reconstruction", action="store_true",
                     help="also write <stem>.recon.png, <stem>.residual.png and recon_rmse")
     pr.add_argument("--force", action="store_true", help="overwrite existing outputs")

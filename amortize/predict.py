@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
+from amortize.autoscale import AUTO, ScaleChoice, choose_scale
 from amortize.config import from_dict
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table, to_work_table
 from amortize.droplets import Background
@@ -383,13 +384,18 @@ def predict_files(
     out_dir: str | os.PathLike,
     predictor: Predictor,
     threshold: float = DEFAULT_THRESHOLD,
-    scale: float | None = None,
+    scale: float | str | None = AUTO,
     force: bool = False,
     progress: bool = True,
     report=print,
     reconstruction: bool = False,
 ) -> tuple[int, list[AmortizeError]]:
     """Predict every image and write its outputs; returns (images done, errors).
+
+    `scale` is input px per encoder px, or "auto" (`amortize.autoscale.choose_scale`):
+    scale 1 unless the droplets are too small for the encoder and an enlarged image is
+    explained better. The JSON records the scale used and, for "auto", the reconstruction
+    RMSE of each scale tried.
 
     With `reconstruction`, also `<stem>.recon.png` (the decoder's rendering of the droplets
     found), `<stem>.residual.png` (0.5 + image - reconstruction) and `recon_rmse` in the JSON.
@@ -414,28 +420,37 @@ def predict_files(
         errors.append(err)
         report(f"error: {err}")
 
+    auto = scale == AUTO
+    fixed = None if auto else scale
+
     def flush():
         nonlocal done
         try:
-            tables = predictor.predict_batch([im for _, _, im in pending], threshold, scale)
+            tables = predictor.predict_batch([im for _, _, im in pending], threshold, fixed)
         except AmortizeError:  # find the culprit image by image
             tables = []
             for path, _, im in pending:
                 try:
-                    tables.append(predictor.predict(im, threshold, scale))
+                    tables.append(predictor.predict(im, threshold, fixed))
                 except AmortizeError as err:
                     fail(path, err)
                     tables.append(None)
         for (path, targets, image), table in zip(pending, tables):
             if table is None:
                 continue
-            meta = summary(table, image.shape[:2], predictor.n_types)
-            meta.update({"image": str(path), "checkpoint": predictor.source,
-                         "checkpoint_step": predictor.step, "threshold": threshold,
-                         "scale": scale or 1.0})
             try:
+                choice = (choose_scale(predictor, image, threshold, table) if auto
+                          else ScaleChoice(fixed or 1.0, table, None, {}))
+                table = choice.table
+                meta = summary(table, image.shape[:2], predictor.n_types)
+                meta.update({"image": str(path), "checkpoint": predictor.source,
+                             "checkpoint_step": predictor.step, "threshold": threshold,
+                             "scale": choice.scale})
+                if auto:
+                    meta["scale_search"] = {f"{s:g}": round(e, 6) for s, e in choice.tried.items()}
                 if reconstruction:
-                    recon = predictor.reconstruct(image, table, scale)
+                    recon = (choice.recon if choice.recon is not None
+                             else predictor.reconstruct(image, table, choice.scale))
                     meta["recon_rmse"] = round(rmse(image, recon), 6)
                     io.write_png(targets[3], recon, force=force)
                     io.write_png(targets[4], np.clip(0.5 + image - recon, 0.0, 1.0), force=force)

@@ -141,6 +141,7 @@ def test_train_then_predict_with_the_workdir(tmp_path):
     assert list(table)[:4] == ["x", "y", "radius", "presence"] and "radius_std" in table
     summary = json.loads((out / "img.json").read_text())
     assert summary["count"] == len(table["x"]) and summary["image_size"] == [56, 40]
+    assert summary["scale"] in (1.0, 0.5, 0.25) and "scale_search" in summary  # --scale auto
 
 
 def test_predict_bad_inputs_one_line_each_and_exit_1(tmp_path, tiny_model_dir):
@@ -173,9 +174,11 @@ def test_predict_bad_checkpoint_is_one_line(tmp_path, make):
     assert str(ckpt) in res.stderr
 
 
-def test_predict_bad_threshold_exit_2(tmp_path):
-    res = run("predict", "x.png", "--out", str(tmp_path / "o"), "--threshold", "2")
-    assert res.returncode == 2 and "--threshold" in res.stderr
+@pytest.mark.parametrize("option, value", [("--threshold", "2"), ("--scale", "big"), ("--scale", "0")])
+def test_predict_bad_threshold_or_scale_exit_2(tmp_path, option, value):
+    res = run("predict", "x.png", "--out", str(tmp_path / "o"), option, value)
+    assert res.returncode == 2 and option in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
 
 
