@@ -4,6 +4,7 @@ A convolutional encoder, trained against a numpyro generative model of the scene
 every droplet's position, radius and composition in one forward pass; per-image SVI refines.
 """
 
+from amortize.autoscale import choose_scale
 from amortize.config import NuisanceConfig, RenderConfig, SceneConfig, SimulationConfig
 from amortize.droplets import Background, Droplets, to_table
 from amortize.errors import AmortizeError, BadArgument, BadInput
@@ -29,6 +30,7 @@ __all__ = [
     "SceneConfig",
     "Simulation",
     "SimulationConfig",
+    "choose_scale",
     "default_optics_params",
     "droplet_model",
     "refine",

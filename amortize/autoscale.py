@@ -11,8 +11,9 @@ droplets are already resolved (on simulated scenes it makes the reconstruction w
 1. predicts at scale 1 and stops there when the median radius is at least
    `SMALL_MEDIAN_RADIUS` px, which is the common case and costs nothing extra;
 2. otherwise halves the scale (enlarges the image 2x) while the decoder's reconstruction
-   error falls by at least `MIN_GAIN` and the enlarged image stays within `MAX_PIXELS`,
-   stopping once the droplets found have a median radius of `SMALL_MEDIAN_RADIUS` work px.
+   error falls (by `MIN_GAIN` for the first halving, `MIN_FURTHER_GAIN` for later ones) and
+   the enlarged image stays within `MAX_PIXELS`, stopping once the droplets found have a
+   median radius of `SMALL_MEDIAN_RADIUS` work px.
 
 The reconstruction error is how well the generative model explains the image from each
 answer, so the scale whose answer explains it best wins; no radius threshold decides alone.
@@ -30,12 +31,15 @@ from amortize.reconstruct import rmse
 #: Median radius (working px) below which a larger working scale is tried. Simulated scenes
 #: from the default prior have medians of 6-7.5 px; the slide downsampled 4x has 3.2 px.
 SMALL_MEDIAN_RADIUS = 4.0
-#: Relative fall in reconstruction RMSE needed to prefer an enlarged image. Each halving
-#: costs about 4x the time, and a model that does not fit an image's look at all still gains
-#: a little by scattering more small droplets: the un-adapted default on the emulsion-like
-#: images of benchmarks/byo_corpus.py gained 0-2.9 % per halving, against 36 % and 7 % on
-#: the slide downsampled 4x.
+#: Relative fall in reconstruction RMSE needed to prefer the image enlarged 2x over scale 1.
+#: A model that does not fit an image's look at all still gains a little by scattering more
+#: small droplets: the un-adapted default on the emulsion-like images of
+#: benchmarks/byo_corpus.py gained 0-2.9 %, against 36-37 % on the slide downsampled 4x.
 MIN_GAIN = 0.05
+#: The same for each further halving, once the first has shown that the image holds droplets
+#: the encoder missed at scale 1 and the droplets found are still small. The slide at 4x
+#: gained 3.4-7 % (two halves of it) from 2x to 4x enlarged.
+MIN_FURTHER_GAIN = 0.01
 #: Largest enlarged working image (pixels): 2048 x 2048, the largest encoded untiled.
 MAX_PIXELS = 2048 * 2048
 #: The text `--scale` takes for this search.
@@ -74,7 +78,8 @@ def choose_scale(predictor, image: np.ndarray, threshold: float = DEFAULT_THRESH
         r = predictor.reconstruct(image, t, scale)
         err = rmse(image, r)
         best.tried[scale] = err
-        if err > (1.0 - MIN_GAIN) * best.tried[best.scale]:
+        needed = MIN_GAIN if best.scale == 1.0 else MIN_FURTHER_GAIN
+        if err > (1.0 - needed) * best.tried[best.scale]:
             break
         best = ScaleChoice(scale, t, r, best.tried)
         if median_work_radius(t, scale) >= SMALL_MEDIAN_RADIUS:

@@ -60,6 +60,15 @@ def test_enlarging_without_a_better_reconstruction_is_refused():
     np.testing.assert_allclose(choice.recon, IMAGE + 0.05)
 
 
+def test_a_further_halving_needs_a_smaller_gain():
+    first = 0.06 * (1 - 2 * autoscale.MIN_GAIN)
+    p = StandIn(radius=0.5, errors={1.0: 0.06, 0.5: first, 0.25: first * (1 - 2 * autoscale.MIN_FURTHER_GAIN),
+                                    0.125: first * (1 - 2 * autoscale.MIN_FURTHER_GAIN) ** 2})
+    assert choose_scale(p, IMAGE).scale == 0.125
+    p.errors[0.25] = first * (1 - autoscale.MIN_FURTHER_GAIN / 2)
+    assert choose_scale(p, IMAGE).scale == 0.5
+
+
 def test_enlargement_is_capped_by_pixels(monkeypatch):
     monkeypatch.setattr(autoscale, "MAX_PIXELS", 4 * IMAGE.shape[0] * IMAGE.shape[1])
     p = StandIn(radius=1.2, errors={1.0: 0.06, 0.5: 0.04, 0.25: 0.01})
