@@ -225,3 +225,26 @@ def test_ordered_elbo_is_numpyros_trace_elbo():
     ours = OrderedTraceELBO().loss(key, params, model, guide, 0.5)
     theirs = Trace_ELBO().loss(key, params, model, guide, 0.5)
     np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
+
+
+def test_refine_files_auto_scale_refines_at_the_chosen_scale(predictor, tmp_path, monkeypatch):
+    import json
+
+    from amortize import io, refinement
+    from amortize.autoscale import ScaleChoice
+
+    seen = []
+
+    def choose(pred, image):
+        seen.append(image.shape)
+        return ScaleChoice(0.5, {}, None, {1.0: 0.06, 0.5: 0.04})
+
+    monkeypatch.setattr(refinement, "choose_scale", choose)
+    io.write_png(tmp_path / "a.png", scene(predictor, noise=0.01))
+    short = dataclasses.replace(CONFIG, steps=10)
+    done, errors = refinement.refine_files([tmp_path / "a.png"], tmp_path / "out", predictor, config=short,
+                                           scale="auto", device="cpu", progress=False)
+    assert (done, errors) == (1, []) and seen == [(48, 48, 3)]
+    meta = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert meta["scale"] == 0.5 and meta["scale_search"] == {"1": 0.06, "0.5": 0.04}
+    assert io.read_image(tmp_path / "out" / "a.recon.png").shape == (48, 48, 3)
