@@ -93,6 +93,9 @@ class WakeConfig:
             from one side, as on ../shared/data/droplets, whose caustic is always below the
             droplet: a turned crop shows a look the optics cannot draw, and the fitted optics
             average the caustic away.
+        pool: the observed image is the rendering averaged over `pool` x `pool` blocks, so
+            that SVI on a copy enlarged `pool` times (`refine --scale 1/pool`) is scored on
+            the image's own pixels rather than on interpolated ones (see `refinement`).
     """
 
     crop: tuple[int, int] = (160, 160)
@@ -103,6 +106,7 @@ class WakeConfig:
     noise_init: float = 0.03
     blur_max: float = 0.0
     augmentation: str = "turns"
+    pool: int = 1
 
     def __post_init__(self) -> None:
         _check(len(self.crop) == 2 and min(self.crop) >= 32, "crop", "need two sizes >= 32 px")
@@ -113,6 +117,7 @@ class WakeConfig:
         _check(self.noise_init > 0, "noise_init", "must be > 0")
         _check(0 <= self.blur_max <= 8, "blur_max", "must be in [0, 8] px")
         _check(self.augmentation in AUGMENTATIONS, "augmentation", f"must be one of {', '.join(AUGMENTATIONS)}")
+        _check(isinstance(self.pool, int) and self.pool >= 1, "pool", "must be an integer >= 1")
 
     @classmethod
     def tiny(cls) -> "WakeConfig":
@@ -129,6 +134,15 @@ class WakeConfig:
 def _reach(encoder: EncoderConfig) -> float:
     """How far (px) past the crop edge a candidate's centre can be (its cell's offset reach)."""
     return OFFSET_REACH * encoder.stride + 0.5
+
+
+def block_mean(images: jnp.ndarray, k: int) -> jnp.ndarray:
+    """(B, H, W, C) averaged over k x k blocks to (B, H / k, W / k, C); H and W are
+    multiples of k. This is the box filter `predict.resize` shrinks with."""
+    if k == 1:
+        return images
+    b, h, w, c = images.shape
+    return images.reshape(b, h // k, k, w // k, k, c).mean(axis=(2, 4))
 
 
 def interior_mask(crop: tuple[int, int], border: int) -> np.ndarray:
@@ -226,8 +240,10 @@ def wake_model(
     wake: WakeConfig,
     optics_init: dict,
 ) -> None:
-    """The scene model for a minibatch of crops (B, H, W, C) drawn from `n_crops`."""
+    """The scene model for a minibatch of crops (B, H, W, C) drawn from `n_crops`, rendered
+    at `wake.pool` times their size."""
     b, h, w, c = images.shape
+    h, w = h * wake.pool, w * wake.pool
     optics = numpyro.param("optics", optics_init)
     noise = jnp.exp(numpyro.param("log_noise", jnp.log(jnp.float32(wake.noise_init))))
     # The prior rate is per *cell*: the encoder's grid is the real set of slots (one droplet
@@ -275,8 +291,8 @@ def wake_model(
             sigma = numpyro.param("blur_sigma", jnp.float32(wake.blur_max / 2),
                                   constraint=dist.constraints.interval(0.0, wake.blur_max))
             mean = jax.vmap(lambda m: gaussian_blur(m, sigma, wake.blur_max))(mean)
-        mean = numpyro.deterministic("rendered", mean)
-        inside = jnp.asarray(interior_mask((h, w), wake.border))[None, :, :, None]
+        mean = numpyro.deterministic("rendered", block_mean(mean, wake.pool))
+        inside = jnp.asarray(interior_mask(images.shape[1:3], wake.border))[None, :, :, None]
         numpyro.sample("image", dist.Normal(mean, noise).mask(inside).to_event(3), obs=images)
 
 

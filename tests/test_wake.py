@@ -120,3 +120,23 @@ def test_bernoulli_kl_matches_the_formula():
     np.testing.assert_allclose(bernoulli_kl(jnp.float32(0.0), 0.5), 0.0, atol=1e-7)
     # A confidently empty slot costs about -log(1 - p), not the logit gap.
     np.testing.assert_allclose(bernoulli_kl(jnp.float32(-12.0), 0.3), -np.log(0.7), rtol=1e-3)
+
+
+def test_block_mean_is_the_box_filter_predict_shrinks_with():
+    from amortize.predict import resize_to
+    from amortize.wake import block_mean
+
+    x = np.random.default_rng(0).uniform(size=(1, 8, 12, 3)).astype(np.float32)
+    pooled = np.asarray(block_mean(jnp.asarray(x), 4))
+    assert pooled.shape == (1, 2, 3, 3)
+    np.testing.assert_allclose(pooled[0, 1, 2], x[0, 4:8, 8:12].mean(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(pooled[0], resize_to(x[0], (2, 3)), atol=1e-6)
+    assert np.shape(block_mean(jnp.asarray(x), 1)) == x.shape
+
+
+@pytest.mark.parametrize("pool", [0, 2.0])
+def test_wake_config_rejects_a_bad_pool(pool):
+    from amortize.errors import BadArgument
+
+    with pytest.raises(BadArgument, match="pool"):
+        WakeConfig(pool=pool)
