@@ -113,8 +113,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from amortize.detect import DEFAULT_THRESHOLD
     from amortize.autoscale import parse_scale
+    from amortize.detect import DEFAULT_THRESHOLD
     from amortize.predict import Predictor, predict_files
 
     if args.threshold is None:
