@@ -112,8 +112,17 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
+def scale_option(text: str) -> float | str:
+    """`--scale` of predict and refine: "auto" or a number > 0."""
     from amortize.autoscale import parse_scale
+
+    try:
+        return parse_scale(text)
+    except ValueError:
+        raise BadArgument("--scale", f"must be 'auto' or a number > 0, got {text}") from None
+
+
+def cmd_predict(args) -> int:
     from amortize.detect import DEFAULT_THRESHOLD
     from amortize.predict import Predictor, predict_files
 
@@ -121,10 +130,7 @@ def cmd_predict(args) -> int:
         args.threshold = DEFAULT_THRESHOLD
     if not 0 < args.threshold < 1:
         raise BadArgument("--threshold", f"must be in (0, 1), got {args.threshold}")
-    try:
-        args.scale = parse_scale(args.scale)
-    except ValueError:
-        raise BadArgument("--scale", f"must be 'auto' or a number > 0, got {args.scale}") from None
+    args.scale = scale_option(args.scale)
     predictor = Predictor.load(args.checkpoint)
     done, errors = predict_files(
         args.inputs, args.out, predictor, threshold=args.threshold, scale=args.scale,
@@ -138,7 +144,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_refine(args) -> int:
-    from amortize.autoscale import parse_scale
     from amortize.predict import Predictor
     from amortize.refinement import RefineConfig, pick_device, refine_files
 
@@ -149,10 +154,7 @@ def cmd_refine(args) -> int:
         rounds=defaults.rounds if args.rounds is None else args.rounds,
         freeze_optics=args.freeze_optics,
     )
-    try:
-        args.scale = parse_scale(args.scale)
-    except ValueError:
-        raise BadArgument("--scale", f"must be 'auto' or a number > 0, got {args.scale}") from None
+    args.scale = scale_option(args.scale)
     device = pick_device(args.device)
     predictor = Predictor.load(args.checkpoint)
     done, errors = refine_files(
