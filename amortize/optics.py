@@ -68,6 +68,22 @@ def module_for(params: dict) -> OpticsMLP:
     return OpticsMLP(channels=widths[-1], hidden=widths[:-1])
 
 
+def coarser_grid(params: dict, k: float) -> dict:
+    """The same look drawn on a grid of pixels k times larger: a droplet of radius r there
+    looks like one of radius k * r here.
+
+    The MLP reads log r linearly in its first layer, so scaling every radius by k is a shift
+    of that layer's bias by log(k) times the log-radius row of its kernel (exact, and it keeps
+    the optics' parameter tree, so gradients to the optics still flow)."""
+    if k == 1:
+        return params
+    layers = params["params"]
+    first = layers["Dense_0"]
+    row = module_for(params).channels + 2  # features: colour (C), dx / r, dy / r, log r, ...
+    shifted = {**first, "bias": first["bias"] + jnp.log(jnp.float32(k)) * first["kernel"][row]}
+    return {**params, "params": {**layers, "Dense_0": shifted}}
+
+
 def n_types_of(params: dict) -> int:
     """K that the parameters were built for."""
     module = module_for(params)

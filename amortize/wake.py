@@ -58,6 +58,7 @@ from amortize.encoder import (
 )
 from amortize.losses import cell_mask
 from amortize.nuisance import gaussian_blur
+from amortize.optics import coarser_grid
 from amortize.render import render_logits
 
 #: Name of the encoder's parameters in the numpyro parameter map (set by `flax_module`).
@@ -96,6 +97,10 @@ class WakeConfig:
         pool: the observed image is the rendering averaged over `pool` x `pool` blocks, so
             that SVI on a copy enlarged `pool` times (`refine --scale 1/pool`) is scored on
             the image's own pixels rather than on interpolated ones (see `refinement`).
+        samples: with pool > 1, the rendering is evaluated at `samples` x `samples` points
+            of each image pixel (centres of equal sub-blocks; must divide pool) instead of at
+            all pool x pool work pixels; 0 means pool. The look is still the work scale's
+            (`optics.coarser_grid`), so fewer points only coarsen the box average.
     """
 
     crop: tuple[int, int] = (160, 160)
@@ -107,6 +112,7 @@ class WakeConfig:
     blur_max: float = 0.0
     augmentation: str = "turns"
     pool: int = 1
+    samples: int = 0
 
     def __post_init__(self) -> None:
         _check(len(self.crop) == 2 and min(self.crop) >= 32, "crop", "need two sizes >= 32 px")
@@ -118,6 +124,14 @@ class WakeConfig:
         _check(0 <= self.blur_max <= 8, "blur_max", "must be in [0, 8] px")
         _check(self.augmentation in AUGMENTATIONS, "augmentation", f"must be one of {', '.join(AUGMENTATIONS)}")
         _check(isinstance(self.pool, int) and self.pool >= 1, "pool", "must be an integer >= 1")
+        _check(isinstance(self.samples, int) and self.samples >= 0
+               and (self.samples == 0 or self.pool % self.samples == 0),
+               "samples", "must be 0 or an integer that divides pool")
+
+    @property
+    def render_step(self) -> int:
+        """Work px between the points where the model evaluates its rendering."""
+        return self.pool // self.samples if self.samples else 1
 
     @classmethod
     def tiny(cls) -> "WakeConfig":
@@ -241,9 +255,10 @@ def wake_model(
     optics_init: dict,
 ) -> None:
     """The scene model for a minibatch of crops (B, H, W, C) drawn from `n_crops`, rendered
-    at `wake.pool` times their size."""
+    at `wake.pool` times their size (latents in that frame; see `WakeConfig.samples`)."""
     b, h, w, c = images.shape
     h, w = h * wake.pool, w * wake.pool
+    step = wake.render_step
     optics = numpyro.param("optics", optics_init)
     noise = jnp.exp(numpyro.param("log_noise", jnp.log(jnp.float32(wake.noise_init))))
     # The prior rate is per *cell*: the encoder's grid is the real set of slots (one droplet
@@ -282,16 +297,20 @@ def wake_model(
             "illumination",
             dist.Normal(0.0, max(scene.illumination_sd, 1e-3)).expand([b, c, N_ILLUMINATION]).to_event(2),
         )
-        droplets = Droplets(x, y, jnp.exp(log_radius), composition, jax.nn.sigmoid(presence_logit))
-        logits = jax.vmap(lambda d, bg: render_logits(d, optics, bg, (h, w), render_config))(
+        # Rendered on the grid of evaluation points (`step` work px apart; pixel i of it is
+        # centred on work coordinate step * i + (step - 1) / 2).
+        droplets = Droplets((x + 0.5) / step - 0.5, (y + 0.5) / step - 0.5, jnp.exp(log_radius) / step,
+                            composition, jax.nn.sigmoid(presence_logit))
+        look = coarser_grid(optics, step)
+        logits = jax.vmap(lambda d, bg: render_logits(d, look, bg, (h // step, w // step), render_config))(
             droplets, Background(colour, illumination)
         )
         mean = jax.nn.sigmoid(logits)
         if wake.blur_max > 0:
             sigma = numpyro.param("blur_sigma", jnp.float32(wake.blur_max / 2),
                                   constraint=dist.constraints.interval(0.0, wake.blur_max))
-            mean = jax.vmap(lambda m: gaussian_blur(m, sigma, wake.blur_max))(mean)
-        mean = numpyro.deterministic("rendered", block_mean(mean, wake.pool))
+            mean = jax.vmap(lambda m: gaussian_blur(m, sigma / step, wake.blur_max / step))(mean)
+        mean = numpyro.deterministic("rendered", block_mean(mean, wake.pool // step))
         inside = jnp.asarray(interior_mask(images.shape[1:3], wake.border))[None, :, :, None]
         numpyro.sample("image", dist.Normal(mean, noise).mask(inside).to_event(3), obs=images)
 

@@ -58,3 +58,20 @@ def test_other_channel_and_type_counts_build():
 
 def test_default_params_are_cached(optics):
     assert default_optics_params(3, 3) is optics
+
+
+def test_coarser_grid_draws_a_droplet_k_times_larger(optics):
+    from amortize.optics import coarser_grid, optics_features
+
+    rng = np.random.default_rng(0)
+    n = 64
+    colour = jnp.asarray(rng.uniform(0.3, 0.9, (n, 3)), jnp.float32)
+    dx, dy = (jnp.asarray(rng.uniform(-1.2, 1.2, n), jnp.float32) for _ in range(2))
+    radius = jnp.asarray(rng.uniform(1.0, 10.0, n), jnp.float32)
+    comp = jnp.asarray(rng.uniform(0, 1, (n, 3)), jnp.float32)
+    here = apply_optics(optics, optics_features(colour, dx, dy, 4.0 * radius, comp))
+    there = apply_optics(coarser_grid(optics, 4.0), optics_features(colour, dx, dy, radius, comp))
+    np.testing.assert_allclose(there, here, atol=1e-5)
+    assert coarser_grid(optics, 1) is optics
+    # The same tree (so a fine-tuned look still gets gradients through it).
+    assert jax.tree_util.tree_structure(coarser_grid(optics, 2.0)) == jax.tree_util.tree_structure(optics)

@@ -268,3 +268,16 @@ def test_the_trust_floor_is_one_input_pixel():
     anchor = {"pos_width": jnp.asarray([[1.0, 2.5, 6.0]])}
     assert input_trust(anchor, 1.0) is anchor
     np.testing.assert_allclose(input_trust(anchor, 0.25)["pos_width"], [[4 * TRUST_PX, 4 * TRUST_PX, 6.0]])
+
+
+@pytest.mark.parametrize("pool, samples, points", [(4, 2, 2), (4, 4, 4), (4, 8, 4), (3, 2, 1), (6, 4, 3),
+                                                   (2, 2, 2), (1, 2, 1)])
+def test_sample_points_divide_the_enlargement(pool, samples, points):
+    from amortize.refinement import sample_points
+
+    assert sample_points(pool, samples) == points
+
+
+def test_refine_config_rejects_no_sample_points():
+    with pytest.raises(BadArgument, match="samples"):
+        RefineConfig(samples=0)

@@ -8,7 +8,7 @@ import pytest
 
 from amortize.adapt import AdaptConfig, AdaptRun, make_wake_step, wake_kwargs, wake_optimizer
 from amortize.config import SceneConfig, SimulationConfig
-from amortize.droplets import Background
+from amortize.droplets import Background, Droplets
 from amortize.encoder import CellOutputs, EncoderConfig, cell_centres, init_encoder
 from amortize.losses import background_at
 from amortize.simulate import simulate
@@ -140,3 +140,44 @@ def test_wake_config_rejects_a_bad_pool(pool):
 
     with pytest.raises(BadArgument, match="pool"):
         WakeConfig(pool=pool)
+
+
+def test_wake_config_rejects_samples_that_do_not_divide_pool():
+    from amortize.errors import BadArgument
+
+    with pytest.raises(BadArgument, match="samples"):
+        WakeConfig(pool=4, samples=3)
+    assert WakeConfig(pool=4, samples=2).render_step == 2
+    assert WakeConfig(pool=4).render_step == 1
+
+
+def _rendered(wake, images, latents, optics, sim):
+    from numpyro import handlers
+
+    kwargs = dict(n_crops=1, n_slots=latents["x"].shape[1], scene=sim.scene, encoder=ENCODER,
+                  render_config=sim.render, wake=wake, optics_init=optics)
+    model = handlers.substitute(handlers.seed(wake_model, 0), data=latents)
+    return np.asarray(handlers.trace(model).get_trace(images, **kwargs)["rendered"]["value"][0])
+
+
+def test_the_model_evaluates_its_rendering_at_the_sample_points(optics):
+    # Pool 3 with one sample per image pixel evaluates the rendering at work pixels 1, 4,
+    # 7, ...: exactly the full rendering's pixels there, with the work scale's look.
+    from amortize.render import render
+
+    sim = SimulationConfig.tiny()
+    x, y = jnp.asarray([[12.0, 30.5, 40.2]]), jnp.asarray([[14.0, 33.3, 10.7]])
+    radius = jnp.asarray([[6.0, 9.5, 4.2]])
+    comp = jnp.asarray([[[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]])
+    colour, illumination = jnp.asarray([[0.7, 0.75, 0.8]]), jnp.zeros((1, 3, 5))
+    latents = {"presence_logit": jnp.full((1, 3), 20.0), "presence_q": jnp.full((1, 3), 20.0), "x": x, "y": y, "log_radius": jnp.log(radius),
+               "composition": comp, "background_colour": colour, "illumination": illumination}
+    images = jnp.zeros((1, 16, 16, 3))
+    wake = WakeConfig(crop=(48, 48), batch_size=1, border=0, pool=3, samples=1)
+    coarse = _rendered(wake, images, latents, optics, sim)
+    fine = np.asarray(render(Droplets(x[0], y[0], radius[0], comp[0], jnp.ones(3)), optics,
+                             Background(colour[0], illumination[0]), (48, 48), sim.render))
+    np.testing.assert_allclose(coarse, fine[1::3, 1::3], atol=1e-5)
+    # More points per pixel approach the full box average.
+    full = _rendered(dataclasses.replace(wake, samples=3), images, latents, optics, sim)
+    np.testing.assert_allclose(full, fine.reshape(16, 3, 16, 3, 3).mean(axis=(1, 3)), atol=1e-5)
