@@ -149,6 +149,8 @@ class RefineResult:
         losses: negative ELBO at every step.
         steps: steps taken; converged: whether the relative-change test stopped it.
         births: slots placed by residual proposals; wall_s: seconds; device: where it ran.
+        scale: the scale it worked at; scale_search: {scale: reconstruction RMSE} of the
+            scales `scale="auto"` tried (empty otherwise).
     """
 
     table: dict[str, np.ndarray]
@@ -163,6 +165,8 @@ class RefineResult:
     births: int
     wall_s: float
     device: str
+    scale: float = 1.0
+    scale_search: dict = dataclasses.field(default_factory=dict)
     params: dict = dataclasses.field(repr=False, default_factory=dict)
     anchor: dict = dataclasses.field(repr=False, default_factory=dict)
 
@@ -606,7 +610,7 @@ def refine(
     predictor: Predictor,
     *,
     config: RefineConfig = RefineConfig(),
-    scale: float | None = None,
+    scale: float | str | None = None,
     device: str = "auto",
     start_table: dict[str, np.ndarray] | None = None,
     seed: int = 0,
@@ -618,7 +622,9 @@ def refine(
         image: (H, W, 3) float in [0, 1] (grey (H, W) is expanded).
         predictor: the trained encoder (its decoder's optics and prior are the model's).
         config: steps, learning rate, rounds, convergence test and the rest.
-        scale: input px per encoder px, as in `Predictor.predict`.
+        scale: input px per encoder px, as in `Predictor.predict`, or "auto" for the scale
+            `predict --scale auto` chooses (`amortize.autoscale`); its answer there is
+            the start, not predicted again.
         device: cpu, gpu or auto.
         start_table: start from this table (input px) instead of the encoder's cells, e.g.
             to refine an edited answer; the background still comes from the encoder.
@@ -626,11 +632,15 @@ def refine(
         progress: show a progress bar with the current loss.
     """
     image = check_image(image)
+    dev = pick_device(device)
+    t0 = time.perf_counter()
+    choice = None
+    if scale == AUTO:
+        choice = choose_scale(predictor, image)
+        scale = choice.scale
     scale = 1.0 if scale is None else float(scale)
     if not (scale > 0 and np.isfinite(scale)):
         raise BadArgument("--scale", f"must be a positive number, got {scale}")
-    dev = pick_device(device)
-    t0 = time.perf_counter()
     work = resize(image, scale)
     h, w = work.shape[:2]
     if min(h, w) < MIN_SIDE:
@@ -639,7 +649,7 @@ def refine(
     scene, enc, render_config = run.simulation.scene, run.encoder, run.simulation.render
     from_encoder = start_table is None
     if from_encoder:
-        start_table = predictor.predict(image, DEFAULT_THRESHOLD, scale)
+        start_table = choice.table if choice else predictor.predict(image, DEFAULT_THRESHOLD, scale)
     else:
         check_start_table(start_table, predictor.n_types)
     with jax.default_device(dev):
@@ -651,8 +661,11 @@ def refine(
         optics = jax.tree_util.tree_map(jnp.asarray, predictor.optics)
         # What `Predictor.reconstruct` draws (same background fit, optics and resizing),
         # without encoding the image once more.
-        recon_before = _render_table_input(start_table, background, optics, None, image, (h, w), scale,
-                                           render_config, predictor.n_types)
+        if from_encoder and choice and choice.recon is not None:
+            recon_before = choice.recon
+        else:
+            recon_before = _render_table_input(start_table, background, optics, None, image, (h, w), scale,
+                                               render_config, predictor.n_types)
         rmse_before = rmse(image, recon_before)
         # On a copy enlarged k times the likelihood is scored on the image's own pixels (the
         # rendering averaged over k x k blocks, as `recon_rmse` measures it), not on
@@ -668,7 +681,8 @@ def refine(
         key = jax.random.PRNGKey(seed)
         # The pixel noise starts at the encoder's reconstruction error.
         start_noise = {"log_noise": jnp.log(jnp.float32(max(rmse_before, 1e-3)))}
-        state = svi_init(key, images, anchor, values, background, optics, init_params=start_noise)
+        state = _on_device(svi_init(key, images, anchor, values, background, optics,
+                                    init_params=start_noise), dev)
 
         losses: list[np.ndarray] = []
         births = 0
@@ -689,11 +703,12 @@ def refine(
                 if placed == 0:
                     break
                 key, sub = jax.random.split(key)
-                state = svi_init(sub, images, anchor, values, background, optics, init_params=params)
+                state = _on_device(svi_init(sub, images, anchor, values, background, optics,
+                                            init_params=params), dev)
             # Steps a round leaves unused pass on to the next ones.
             budget = (config.steps - done) // (config.rounds - r)
-            state, converged = _svi_round(run_chunk, state, (images, anchor, values, background, optics),
-                                          budget, config, losses, bar)
+            args = _on_device((images, anchor, values, background, optics), dev)
+            state, converged = _svi_round(run_chunk, state, args, budget, config, losses, bar)
         bar.close()
         params = jax.device_get(svi.get_params(state))
         final_optics = optics if config.freeze_optics else params["optics"]
@@ -706,9 +721,17 @@ def refine(
         table=table, start_table=start_table, recon_before=recon_before, recon_after=recon_after,
         recon_rmse_before=rmse_before, recon_rmse_after=rmse(image, recon_after),
         losses=all_losses, steps=int(all_losses.size), converged=converged, births=births,
-        wall_s=time.perf_counter() - t0, device=f"{dev.platform}:{dev.id}", params=params,
-        anchor=jax.device_get(anchor),
+        wall_s=time.perf_counter() - t0, device=f"{dev.platform}:{dev.id}", scale=scale,
+        scale_search=dict(choice.tried) if choice else {}, params=params, anchor=jax.device_get(anchor),
     )
+
+
+def _on_device(tree, dev: jax.Device):
+    """Every array of `tree` committed to `dev`. A jitted function compiles once per mix of
+    committed and uncommitted arguments: the SVI step's outputs are committed when any input
+    is (a learned decoder's optics are), the initial state was not, and the step compiled
+    twice per image (6 s more on the slide at 4x)."""
+    return jax.device_put(tree, dev)
 
 
 #: Presence logits learn this many times faster than the rest: Adam moves each parameter by
@@ -854,9 +877,7 @@ def refine_files(
             image = io.read_image(path)
             seen[stem] = path
             try:
-                choice = choose_scale(predictor, image) if scale == AUTO else None
-                image_scale = choice.scale if choice else scale
-                result = refine(image, predictor, config=config, scale=image_scale, device=device,
+                result = refine(image, predictor, config=config, scale=scale, device=device,
                                 progress=progress)
             except BadArgument as err:
                 if err.subject == "image":
@@ -865,10 +886,10 @@ def refine_files(
             meta = summary(result.table, image.shape[:2], predictor.n_types)
             meta.update(result.summary())
             meta.update({"image": str(path), "checkpoint": predictor.source,
-                         "checkpoint_step": predictor.step, "scale": image_scale or 1.0,
+                         "checkpoint_step": predictor.step, "scale": result.scale,
                          "config": dataclasses.asdict(config)})
-            if choice:
-                meta["scale_search"] = {f"{k:g}": round(e, 6) for k, e in choice.tried.items()}
+            if scale == AUTO:
+                meta["scale_search"] = {f"{k:g}": round(e, 6) for k, e in result.scale_search.items()}
             io.write_table(targets["csv"], result.table, force=force)
             io.write_png(targets["recon.png"], result.recon_after, force=force)
             io.write_png(targets["residual.png"], np.clip(0.5 + image - result.recon_after, 0, 1), force=force)

@@ -240,7 +240,11 @@ def test_refine_files_auto_scale_refines_at_the_chosen_scale(predictor, tmp_path
 
     def choose(pred, image):
         seen.append(image.shape)
-        return ScaleChoice(0.5, {}, None, {1.0: 0.06, 0.5: 0.04})
+        answer = pred.predict(image, scale=0.5)
+        answers.append(answer)
+        return ScaleChoice(0.5, answer, None, {1.0: 0.06, 0.5: 0.04})
+
+    answers = []
 
     monkeypatch.setattr(refinement, "choose_scale", choose)
     io.write_png(tmp_path / "a.png", scene(predictor, noise=0.01))
@@ -250,6 +254,8 @@ def test_refine_files_auto_scale_refines_at_the_chosen_scale(predictor, tmp_path
     assert (done, errors) == (1, []) and seen == [(48, 48, 3)]
     meta = json.loads((tmp_path / "out" / "a.json").read_text())
     assert meta["scale"] == 0.5 and meta["scale_search"] == {"1": 0.06, "0.5": 0.04}
+    # The search's answer at the chosen scale is the start (predict is not run again).
+    assert meta["count_before"] == len(answers[0]["x"])
     assert io.read_image(tmp_path / "out" / "a.recon.png").shape == (48, 48, 3)
 
 
@@ -281,3 +287,41 @@ def test_sample_points_divide_the_enlargement(pool, samples, points):
 def test_refine_config_rejects_no_sample_points():
     with pytest.raises(BadArgument, match="samples"):
         RefineConfig(samples=0)
+
+
+def test_refine_auto_starts_from_the_searchs_answer_and_reconstruction(predictor, monkeypatch):
+    from amortize import refinement
+    from amortize.autoscale import ScaleChoice
+
+    image = scene(predictor, noise=0.01)
+    answer = table()
+    recon = np.full(image.shape, 0.5, np.float32)
+    monkeypatch.setattr(refinement, "choose_scale", lambda pred, im: ScaleChoice(1.0, answer, recon, {1.0: 0.2}))
+    monkeypatch.setattr(Predictor, "predict", lambda *a, **k: pytest.fail("predicted again"))
+    res = refine(image, predictor, config=dataclasses.replace(CONFIG, steps=5), scale="auto", device="cpu")
+    assert res.start_table is answer and res.recon_before is recon
+    assert res.scale == 1.0 and res.scale_search == {1.0: 0.2}
+    np.testing.assert_allclose(res.recon_rmse_before, np.sqrt(np.mean((image - 0.5) ** 2)), rtol=1e-5)
+
+
+def test_the_svi_step_compiles_once_per_image(predictor, monkeypatch):
+    # The initial SVI state must be placed like the steps' outputs, or the chunked step
+    # compiles twice (seen: 6 s more per image on the slide at 4x).
+    from amortize import refinement
+
+    seen = []
+    original = refinement._svi_round
+
+    def spy(run_chunk, *args):
+        out = original(run_chunk, *args)
+        seen.append(run_chunk)
+        return out
+
+    monkeypatch.setattr(refinement, "_svi_round", spy)
+    # A learned decoder's optics come back from the checkpoint committed to a device.
+    committed = jax.device_put(predictor.optics, jax.devices("cpu")[0])
+    monkeypatch.setattr(Predictor, "optics", property(lambda self: committed))
+    # A learning rate no other test uses: a fresh solver (they are cached), so a fresh step.
+    config = dataclasses.replace(CONFIG, steps=3, chunk=1, tol=0.0, learning_rate=0.0123)
+    refine(scene(predictor, noise=0.01, seed=5), predictor, config=config, device="cpu")
+    assert seen[0]._cache_size() == 1
