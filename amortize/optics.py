@@ -134,9 +134,10 @@ _normalise.defvjp(_normalise_forward, _normalise_backward)
 def apply_optics(params: dict, features: jnp.ndarray) -> jnp.ndarray:
     """delta (..., C) for features (..., C + 3 + K).
 
-    `OpticsMLP`'s forward pass written out, with layer norm's closed-form derivative: the
-    one XLA derives from the written-out statistics made the MLP's backward pass, most of
-    the renderer's, about 1.6x slower (PROFILE NOTE)."""
+    `OpticsMLP`'s forward pass written out, with layer norm's closed-form derivative. The
+    MLP's backward pass is most of the renderer's, and the one XLA derives from the
+    statistics is slower: on the slide's 2x sample grid (514k pixels, 2 816 slots) the
+    renderer's gradient took 0.34 s with flax's LayerNorm and 0.20 s with this."""
     layers = params["params"]
     n_dense = sum(1 for k in layers if k.startswith("Dense_"))
     h = features
