@@ -263,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--device", default="auto", help="cpu, gpu or auto (a GPU when JAX sees one)")
     rf.add_argument("--freeze-optics", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the trained decoder's optics (default) or fine-tune them per image")
-    rf.add_argument("--scale", default="1",
-                    help="input px per encoder px (default 1), or auto to refine at the scale "
-                    "predict would choose; an image enlarged 4x costs about 16x per step")
+    rf.add_argument("--scale", default="auto",
+                    help="input px per encoder px, or auto (default) to refine at the scale "
+                    "predict --scale auto chooses")
     rf.add_argument("--force", action="store_true", help="overwrite existing outputs")
     rf.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     rf.set_defaults(run=cmd_refine)
