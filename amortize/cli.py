@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure speed (prints JSON lines)")
     bench.add_argument("what", choices=["render", "predict", "train", "refine"])
     bench.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    bench.add_argument("--checkpoint", help="predict, refine: model to time (default: the shipped one)")
+    bench.add_argument("--checkpoint", help="predict, refine: model to time (default: the shipped "
+                       "one; for refine, checkpoints/simulated, as its scene is simulated)")
     bench.add_argument("--config", help="train: recipe to time (default: train/default.toml)")
     bench.set_defaults(run=cmd_bench)
     return parser

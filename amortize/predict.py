@@ -42,6 +42,9 @@ from amortize.wake import fit_background
 RUN_TABLES = ("simulation", "encoder", "train", "readout")
 #: The shipped model.
 DEFAULT_CHECKPOINT = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+#: The default's encoder with the built-in optics, which draw what the simulator draws: the
+#: model for refining or reconstructing simulated scenes.
+SIMULATED_CHECKPOINT = DEFAULT_CHECKPOINT.parent / "simulated"
 #: Padded frames above this many pixels are tiled (bounds peak memory to a few GB).
 MAX_UNTILED_PIXELS = 2048 * 2048
 #: Tile core side and the context margin around it (px, multiples of ALIGN). The margin

@@ -273,3 +273,21 @@ def test_train_bad_corpus_or_init_is_one_line(tmp_path, extra, words, code):
               "--workdir", str(tmp_path / "w"), "--quiet")
     assert res.returncode == code, res.stderr
     assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bench_refine_defaults_to_the_model_that_draws_simulated_scenes(monkeypatch):
+    # Its scene is simulated: the shipped default's decoder draws the real slide instead.
+    from amortize import bench
+    from amortize.predict import SIMULATED_CHECKPOINT, Predictor
+
+    loaded = []
+
+    def load(path=None):
+        loaded.append(path)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(Predictor, "load", staticmethod(load))
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench.run_refine_bench(quick=True)
+    assert loaded == [SIMULATED_CHECKPOINT]
+    assert SIMULATED_CHECKPOINT.is_dir()
