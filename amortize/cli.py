@@ -153,6 +153,7 @@ def cmd_refine(args) -> int:
         learning_rate=defaults.learning_rate if args.lr is None else args.lr,
         rounds=defaults.rounds if args.rounds is None else args.rounds,
         freeze_optics=args.freeze_optics,
+        fit_stop=args.fit_stop,
     )
     args.scale = scale_option(args.scale)
     device = pick_device(args.device)
@@ -256,10 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--checkpoint", help="model directory or training workdir "
                     "(default: checkpoints/default)")
     rf.add_argument("--steps", type=int, help="most SVI steps (default 1000; stops early "
-                    "when the loss has converged)")
+                    "when the loss, or on an enlarged copy the image fit, has converged)")
     rf.add_argument("--lr", type=float, help="Adam learning rate (default 0.02)")
     rf.add_argument("--rounds", type=int, help="SVI rounds with residual-driven birth "
                     "proposals between them (default 1: none)")
+    # refinement.FIT_STOPS, written out: the parser is built without importing JAX.
+    rf.add_argument("--fit-stop", default="enlarged", choices=("always", "enlarged", "never"),
+                    help="also stop when the reported droplets' fit to the image stops improving, "
+                    "and report the best-fitting state: on copies enlarged by --scale < 1 only "
+                    "(enlarged, the default), always, or never")
     rf.add_argument("--device", default="auto", help="cpu, gpu or auto (a GPU when JAX sees one)")
     rf.add_argument("--freeze-optics", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the trained decoder's optics (default) or fine-tune them per image")

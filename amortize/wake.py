@@ -159,6 +159,24 @@ def block_mean(images: jnp.ndarray, k: int) -> jnp.ndarray:
     return images.reshape(b, h // k, k, w // k, k, c).mean(axis=(2, 4))
 
 
+def model_mean(droplets: Droplets, optics: dict, background: Background, shape: tuple[int, int],
+               render_config: RenderConfig, wake: WakeConfig, blur_sigma=None) -> jnp.ndarray:
+    """The model's mean image of one crop, (H / pool, W / pool, C): `droplets` (work px;
+    `shape` = (H, W) work px) rendered at the evaluation points, blurred by `blur_sigma` work
+    px (None: no blur), and averaged over each image pixel."""
+    h, w = shape
+    step = wake.render_step
+    # Rendered on the grid of evaluation points (`step` work px apart; pixel i of it is
+    # centred on work coordinate step * i + (step - 1) / 2).
+    on_grid = droplets.replace(x=(droplets.x + 0.5) / step - 0.5, y=(droplets.y + 0.5) / step - 0.5,
+                               radius=droplets.radius / step)
+    mean = jax.nn.sigmoid(render_logits(on_grid, coarser_grid(optics, step), background,
+                                        (h // step, w // step), render_config))
+    if blur_sigma is not None:
+        mean = gaussian_blur(mean, blur_sigma / step, wake.blur_max / step)
+    return block_mean(mean[None], wake.pool // step)[0]
+
+
 def interior_mask(crop: tuple[int, int], border: int) -> np.ndarray:
     """(H, W) bool, False within `border` px of the crop's edge."""
     h, w = crop
@@ -258,7 +276,6 @@ def wake_model(
     at `wake.pool` times their size (latents in that frame; see `WakeConfig.samples`)."""
     b, h, w, c = images.shape
     h, w = h * wake.pool, w * wake.pool
-    step = wake.render_step
     optics = numpyro.param("optics", optics_init)
     noise = jnp.exp(numpyro.param("log_noise", jnp.log(jnp.float32(wake.noise_init))))
     # The prior rate is per *cell*: the encoder's grid is the real set of slots (one droplet
@@ -297,20 +314,14 @@ def wake_model(
             "illumination",
             dist.Normal(0.0, max(scene.illumination_sd, 1e-3)).expand([b, c, N_ILLUMINATION]).to_event(2),
         )
-        # Rendered on the grid of evaluation points (`step` work px apart; pixel i of it is
-        # centred on work coordinate step * i + (step - 1) / 2).
-        droplets = Droplets((x + 0.5) / step - 0.5, (y + 0.5) / step - 0.5, jnp.exp(log_radius) / step,
-                            composition, jax.nn.sigmoid(presence_logit))
-        look = coarser_grid(optics, step)
-        logits = jax.vmap(lambda d, bg: render_logits(d, look, bg, (h // step, w // step), render_config))(
-            droplets, Background(colour, illumination)
-        )
-        mean = jax.nn.sigmoid(logits)
+        sigma = None
         if wake.blur_max > 0:
             sigma = numpyro.param("blur_sigma", jnp.float32(wake.blur_max / 2),
                                   constraint=dist.constraints.interval(0.0, wake.blur_max))
-            mean = jax.vmap(lambda m: gaussian_blur(m, sigma / step, wake.blur_max / step))(mean)
-        mean = numpyro.deterministic("rendered", block_mean(mean, wake.pool // step))
+        droplets = Droplets(x, y, jnp.exp(log_radius), composition, jax.nn.sigmoid(presence_logit))
+        mean = jax.vmap(lambda d, bg: model_mean(d, optics, bg, (h, w), render_config, wake, sigma))(
+            droplets, Background(colour, illumination))
+        mean = numpyro.deterministic("rendered", mean)
         inside = jnp.asarray(interior_mask(images.shape[1:3], wake.border))[None, :, :, None]
         numpyro.sample("image", dist.Normal(mean, noise).mask(inside).to_event(3), obs=images)
 

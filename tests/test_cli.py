@@ -208,8 +208,10 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     res = run("refine", str(good), *args, "--quiet")
     assert res.returncode == 1 and "--force" in res.stderr
     assert (out / "good.csv").read_bytes() == before
-    res = run("refine", str(good), *args, "--quiet", "--force", "--no-freeze-optics")
+    res = run("refine", str(good), *args, "--quiet", "--force", "--no-freeze-optics", "--fit-stop", "always")
     assert res.returncode == 0, res.stderr
+    meta = json.loads((out / "good.json").read_text())
+    assert len(meta["fit_rmse_per_chunk"]) == 1 and meta["config"]["fit_stop"] == "always"
 
 
 def test_refine_bad_device_and_steps_exit_2(tmp_path):
@@ -217,7 +219,18 @@ def test_refine_bad_device_and_steps_exit_2(tmp_path):
     assert res.returncode == 2 and "--device" in res.stderr and "Traceback" not in res.stderr
     res = run("refine", "x.png", "--out", str(tmp_path / "o"), "--steps", "0")
     assert res.returncode == 2 and "steps" in res.stderr
+    res = run("refine", "x.png", "--out", str(tmp_path / "o"), "--fit-stop", "sometimes")
+    assert res.returncode == 2 and "--fit-stop" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_fit_stop_choices_are_refinements():
+    from amortize.cli import build_parser
+    from amortize.refinement import FIT_STOPS, RefineConfig
+
+    refine_parser = build_parser()._subparsers._group_actions[0].choices["refine"]
+    (fit_stop,) = [a for a in refine_parser._actions if a.dest == "fit_stop"]
+    assert tuple(fit_stop.choices) == FIT_STOPS and fit_stop.default == RefineConfig().fit_stop
 
 
 def test_bench_predict_and_train_quick(tiny_model_dir):

@@ -59,6 +59,31 @@ def test_tiled_cells_match_untiled(tiny):
     np.testing.assert_allclose(tiled[8:16, 8:16], whole[8:16, 8:16], atol=0.5)
 
 
+def test_a_working_image_is_read_once_until_it_changes(tiny_model_dir):
+    # Predicting, reconstructing and refining one image read the same working image;
+    # remembered readings spare the encoder passes (a fresh Predictor: tests share `tiny`).
+    from amortize.predict import READ_MEMORY
+
+    pred = Predictor.load(tiny_model_dir)
+    calls = []
+    encode = pred._encode
+    pred._encode = lambda p, z: calls.append(z.shape) or encode(p, z)
+    image = np.random.default_rng(3).uniform(size=(40, 50, 3)).astype(np.float32)
+    table = pred.predict(image, threshold=0.05)
+    pred.reconstruct(image, table)
+    assert len(calls) == 2  # the image and its mirror, once
+    other = image.copy()
+    other[0, 0, 0] = 1.0 - other[0, 0, 0]
+    pred.predict(other, threshold=0.05)
+    assert len(calls) == 4  # one changed pixel is another image
+    pred.mirror_average = False
+    pred.predict(image, threshold=0.05)
+    assert len(calls) == 5
+    for k in range(READ_MEMORY + 1):
+        pred.predict(np.full((40, 50, 3), 0.1 + 0.1 * k, np.float32))
+    assert len(pred._readings) == READ_MEMORY
+
+
 def test_batch_matches_single(tiny):
     rng = np.random.default_rng(2)
     images = [rng.uniform(size=(40, 50, 3)).astype(np.float32) for _ in range(5)]

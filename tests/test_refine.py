@@ -325,3 +325,66 @@ def test_the_svi_step_compiles_once_per_image(predictor, monkeypatch):
     config = dataclasses.replace(CONFIG, steps=3, chunk=1, tol=0.0, learning_rate=0.0123)
     refine(scene(predictor, noise=0.01, seed=5), predictor, config=config, device="cpu")
     assert seen[0]._cache_size() == 1
+
+
+def _fake_round(fits_seen, losses_per_chunk, fit_values, config):
+    """`_svi_round` on a fake chunk runner: the state is the chunk count, each chunk's
+    losses are given, and the fit of state k is fit_values[k - 1]."""
+    from tqdm import tqdm
+
+    from amortize.refinement import _svi_round
+
+    def run_chunk(state, args, n):
+        return state + 1, np.full(n, losses_per_chunk[state], np.float32)
+
+    fit = None if fit_values is None else (lambda s: fit_values[s - 1])
+    return _svi_round(run_chunk, 0, (), config.steps, config, [], fits_seen, tqdm(disable=True), fit)
+
+
+def test_the_fit_test_stops_and_reports_the_best_fitting_state():
+    config = RefineConfig(steps=200, chunk=25, tol=1e-3, patience=3, fit_tol=0.01, fit_patience=1)
+    falling = [-1000.0 * 1.05**k for k in range(8)]  # the loss never converges
+    fits = []
+    state, stopped_by, at = _fake_round(fits, falling, [0.030, 0.025, 0.0249, 0.02], config)
+    # 0.0249 is within 1 % of 0.025: stop after chunk 3, reporting chunk 3 (the best so far).
+    assert (state, stopped_by, at) == (3, "fit", 75) and fits == [0.030, 0.025, 0.0249]
+    fits = []
+    state, stopped_by, at = _fake_round(fits, falling, [0.030, 0.025, 0.0262, 0.02], config)
+    assert (state, stopped_by, at) == (2, "fit", 50)  # a worse last chunk is not reported
+    patient = dataclasses.replace(config, fit_patience=2)
+    state, stopped_by, at = _fake_round([], falling, [0.030, 0.025, 0.0262, 0.02, 0.0199, 0.0201], patient)
+    assert (state, stopped_by, at) == (5, "fit", 125)
+
+
+def test_without_the_fit_test_the_loss_test_stops_on_the_last_state():
+    config = RefineConfig(steps=500, chunk=25, tol=1e-3, patience=2)
+    flat = [-1000.0, -1100.0, -1100.5, -1100.2, -1100.1, -1100.0]
+    fits = []
+    assert _fake_round(fits, flat, None, config) == (4, "loss", 100) and fits == []
+    assert _fake_round([], [-1000.0 * 1.05**k for k in range(20)], None, config) == (20, None, 500)
+
+
+def test_refine_config_rejects_a_bad_fit_test():
+    with pytest.raises(BadArgument, match="fit_stop"):
+        RefineConfig(fit_stop="sometimes")
+    with pytest.raises(BadArgument, match="fit_tol"):
+        RefineConfig(fit_tol=-0.1)
+    with pytest.raises(BadArgument, match="fit_patience"):
+        RefineConfig(fit_patience=0)
+
+
+def test_the_fit_is_watched_on_enlarged_copies_and_measures_the_reconstruction(predictor):
+    image = scene(predictor, noise=0.01)
+    config = dataclasses.replace(CONFIG, steps=50, chunk=10)
+    at_one = refine(image, predictor, config=config, device="cpu", start_table=table())
+    assert at_one.fits.size == 0 and at_one.answer_step == at_one.steps
+    enlarged = refine(image, predictor, config=config, scale=0.5, device="cpu", start_table=table())
+    assert enlarged.fits.size == enlarged.steps // 10 and 0 < enlarged.answer_step <= enlarged.steps
+    meta = enlarged.summary()
+    assert meta["answer_step"] == enlarged.answer_step and len(meta["fit_rmse_per_chunk"]) == enlarged.fits.size
+    # The watched fit is the reported table's reconstruction error, on the likelihood's grid.
+    always = refine(image, predictor, config=dataclasses.replace(config, fit_stop="always"), device="cpu",
+                    start_table=table())
+    assert always.fits.size == always.steps // 10
+    best = float(np.min(always.fits))
+    assert abs(best - always.recon_rmse_after) < 0.1 * always.recon_rmse_after, (best, always.recon_rmse_after)
