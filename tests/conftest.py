@@ -47,15 +47,6 @@ def _cpu_only():
     assert jax.default_backend() == "cpu"
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this session only: tests that build the same
-    program again (a resumed adaptation rebuilds every step) load it instead of compiling."""
-    from amortize.predict import enable_compilation_cache
-
-    enable_compilation_cache(tmp_path_factory.mktemp("jax-cache"))
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """An untrained tiny encoder saved as a model checkpoint (for I/O and shape tests)."""
