@@ -849,8 +849,8 @@ def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=No
                                           "(SVI diverged; try a lower --lr)")
         # `stable_update` skips a step whose loss is not finite but still returns it.
         mean = float(np.mean(chunk_losses[finite]))
-        bar.set_postfix(loss=f"{mean:.5g}")
         if fit is None:
+            bar.set_postfix(loss=f"{mean:.5g}")
             answer, at = state, used
         else:
             err = float(fit(state))
