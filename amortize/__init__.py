@@ -4,6 +4,11 @@ A convolutional encoder, trained against a numpyro generative model of the scene
 every droplet's position, radius and composition in one forward pass; per-image SVI refines.
 """
 
+from amortize.xla_flags import apply_cpu_flags
+
+# Before anything below can start JAX's backend, which reads XLA_FLAGS once.
+apply_cpu_flags()
+
 from amortize.autoscale import choose_scale
 from amortize.config import NuisanceConfig, RenderConfig, SceneConfig, SimulationConfig
 from amortize.droplets import Background, Droplets, to_table
