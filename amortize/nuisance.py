@@ -7,6 +7,7 @@ jitted training step. None of them is part of the likelihood.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,22 +23,71 @@ def gaussian_blur(image: jnp.ndarray, sigma: jnp.ndarray, max_sigma: float) -> j
     The kernel's support is static (3 * max_sigma), its weights follow sigma; sigma -> 0 gives
     the identity. Edges are extended, not zero-padded, so borders keep their colour.
     """
-    half = max(1, int(math.ceil(3 * max_sigma)))
+    return _blur(image, jnp.asarray(sigma, jnp.float32), max(1, int(math.ceil(3 * max_sigma))))
+
+
+def _kernel(sigma: jnp.ndarray, half: int) -> jnp.ndarray:
+    """Normalised Gaussian weights at offsets -half..half."""
     offsets = jnp.arange(-half, half + 1, dtype=jnp.float32)
-    s = jnp.maximum(sigma, 1e-3)
-    weights = jnp.exp(-0.5 * (offsets / s) ** 2)
-    weights = weights / weights.sum()
+    weights = jnp.exp(-0.5 * (offsets / jnp.maximum(sigma, 1e-3)) ** 2)
+    return weights / weights.sum()
 
-    def along(a, axis):
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (half, half)
-        a = jnp.pad(a, pad, mode="edge")
-        n = a.shape[axis] - 2 * half
-        return sum(
-            weights[i] * jax.lax.slice_in_dim(a, i, i + n, axis=axis) for i in range(2 * half + 1)
-        )
 
-    return along(along(image, 0), 1)
+def _correlate(a: jnp.ndarray, weights: jnp.ndarray, axis: int, pad: int, mode: str) -> jnp.ndarray:
+    """sum_i weights[i] * a[n + i] along `axis`, after padding it by `pad` on each side."""
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (pad, pad)
+    a = jnp.pad(a, widths, mode=mode)
+    n = a.shape[axis] - weights.shape[0] + 1
+    return sum(weights[i] * jax.lax.slice_in_dim(a, i, i + n, axis=axis) for i in range(weights.shape[0]))
+
+
+def _blur_along(a: jnp.ndarray, weights: jnp.ndarray, axis: int) -> jnp.ndarray:
+    return _correlate(a, weights, axis, weights.shape[0] // 2, "edge")
+
+
+def _blur_along_adjoint(g: jnp.ndarray, weights: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """The transpose of `_blur_along` for symmetric weights: the same correlation of g padded
+    with zeros, then what fell on the extended edges folded back onto the edge pixels."""
+    half = weights.shape[0] // 2
+    n = g.shape[axis]
+    full = _correlate(g, weights, axis, 2 * half, "constant")  # the padded input's gradient
+    inner = jax.lax.slice_in_dim(full, half, half + n, axis=axis)
+    first = jnp.sum(jax.lax.slice_in_dim(full, 0, half, axis=axis), axis=axis, keepdims=True)
+    last = jnp.sum(jax.lax.slice_in_dim(full, half + n, n + 2 * half, axis=axis), axis=axis, keepdims=True)
+    if n == 1:
+        return inner + first + last
+    middle = jnp.zeros_like(jax.lax.slice_in_dim(inner, 1, n - 1, axis=axis))
+    return inner + jnp.concatenate([first, middle, last], axis=axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _blur(image: jnp.ndarray, sigma: jnp.ndarray, half: int) -> jnp.ndarray:
+    """`gaussian_blur` with its derivative written out. As XLA derives it, every tap's slice
+    becomes a padded copy of the whole image and every weight a pass over it: on
+    refinement's 2x sample grid of the slide at 4x (760 x 676 x 3) the value and gradient
+    took 145 ms, against 8 ms for the value alone."""
+    weights = _kernel(sigma, half)
+    return _blur_along(_blur_along(image, weights, 0), weights, 1)
+
+
+def _blur_forward(image, sigma, half):
+    weights = _kernel(sigma, half)
+    rows = _blur_along(image, weights, 0)
+    return _blur_along(rows, weights, 1), (image, rows, sigma)
+
+
+def _blur_backward(half, saved, g):
+    image, rows, sigma = saved
+    weights, d_weights = jax.jvp(lambda s: _kernel(s, half), (sigma,), (jnp.ones_like(sigma),))
+    g_rows = _blur_along_adjoint(g, weights, 1)
+    g_image = _blur_along_adjoint(g_rows, weights, 0)
+    # d out / d sigma = B'_x(B_y image) + B_x(B'_y image), B' correlating with d weights / d sigma.
+    g_sigma = jnp.sum(g * _blur_along(rows, d_weights, 1)) + jnp.sum(g_rows * _blur_along(image, d_weights, 0))
+    return g_image, g_sigma
+
+
+_blur.defvjp(_blur_forward, _blur_backward)
 
 
 # Standard JPEG quantisation tables (ITU T.81, Annex K).
