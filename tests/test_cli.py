@@ -211,7 +211,7 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     res = run("refine", str(good), *args, "--quiet", "--force", "--no-freeze-optics", "--fit-stop", "always")
     assert res.returncode == 0, res.stderr
     meta = json.loads((out / "good.json").read_text())
-    assert len(meta["fit_rmse_per_chunk"]) == 1 and meta["config"]["fit_stop"] == "always"
+    assert len(meta["fit_rmse_per_check"]) == 2 and meta["config"]["fit_stop"] == "always"
 
 
 def test_refine_bad_device_and_steps_exit_2(tmp_path):

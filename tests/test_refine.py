@@ -342,7 +342,7 @@ def _fake_round(fits_seen, losses_per_chunk, fit_values, config):
 
 
 def test_the_fit_test_stops_and_reports_the_best_fitting_state():
-    config = RefineConfig(steps=200, chunk=25, tol=1e-3, patience=3, fit_tol=0.01, fit_patience=1)
+    config = RefineConfig(steps=200, chunk=25, tol=1e-3, patience=3, fit_tol=0.01, fit_patience=1, fit_every=25)
     falling = [-1000.0 * 1.05**k for k in range(8)]  # the loss never converges
     fits = []
     state, stopped_by, at = _fake_round(fits, falling, [0.030, 0.025, 0.0249, 0.02], config)
@@ -354,6 +354,19 @@ def test_the_fit_test_stops_and_reports_the_best_fitting_state():
     patient = dataclasses.replace(config, fit_patience=2)
     state, stopped_by, at = _fake_round([], falling, [0.030, 0.025, 0.0262, 0.02, 0.0199, 0.0201], patient)
     assert (state, stopped_by, at) == (5, "fit", 125)
+
+
+def test_the_fit_is_checked_every_few_steps_and_the_loss_over_whole_windows():
+    config = RefineConfig(steps=500, chunk=25, tol=1e-3, patience=2, fit_tol=0.01, fit_patience=1, fit_every=5)
+    fits = []
+    # The fit keeps improving, the loss is flat: the loss test, over 25-step windows (five
+    # checks each), stops it after the third window, on the best-fitting (last) state.
+    state, stopped_by, at = _fake_round(fits, [-1000.0] * 100, [0.9**k for k in range(100)], config)
+    assert (state, stopped_by, at) == (15, "loss", 75) and len(fits) == 15
+    # A fit that is best after 4 checks stops it at the fifth, reporting the fourth.
+    state, stopped_by, at = _fake_round([], [-1000.0 * 1.05**k for k in range(100)],
+                                        [0.04, 0.03, 0.028, 0.027, 0.0271, 0.02], config)
+    assert (state, stopped_by, at) == (4, "fit", 20)
 
 
 def test_without_the_fit_test_the_loss_test_stops_on_the_last_state():
@@ -371,17 +384,19 @@ def test_refine_config_rejects_a_bad_fit_test():
         RefineConfig(fit_tol=-0.1)
     with pytest.raises(BadArgument, match="fit_patience"):
         RefineConfig(fit_patience=0)
+    with pytest.raises(BadArgument, match="fit_every"):
+        RefineConfig(fit_every=0)
 
 
 def test_the_fit_is_watched_on_enlarged_copies_and_measures_the_reconstruction(predictor):
     image = scene(predictor, noise=0.01)
-    config = dataclasses.replace(CONFIG, steps=50, chunk=10)
+    config = dataclasses.replace(CONFIG, steps=50, chunk=10, fit_every=10)
     at_one = refine(image, predictor, config=config, device="cpu", start_table=table())
     assert at_one.fits.size == 0 and at_one.answer_step == at_one.steps
     enlarged = refine(image, predictor, config=config, scale=0.5, device="cpu", start_table=table())
     assert enlarged.fits.size == enlarged.steps // 10 and 0 < enlarged.answer_step <= enlarged.steps
     meta = enlarged.summary()
-    assert meta["answer_step"] == enlarged.answer_step and len(meta["fit_rmse_per_chunk"]) == enlarged.fits.size
+    assert meta["answer_step"] == enlarged.answer_step and len(meta["fit_rmse_per_check"]) == enlarged.fits.size
     # The watched fit is the reported table's reconstruction error, on the likelihood's grid.
     always = refine(image, predictor, config=dataclasses.replace(config, fit_stop="always"), device="cpu",
                     start_table=table())
