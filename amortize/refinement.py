@@ -54,7 +54,7 @@ from amortize.reconstruct import SLOT_BUCKET, render_table, rmse, slot_count
 from amortize.render import render_logits
 from amortize.wake import (
     ABSENT_LOGIT, BACKGROUND_EPS, COMP_LOGIT_LIMIT, WakeConfig, _reach, candidate_slots,
-    fit_background, model_mean, wake_model,
+    model_mean, wake_model,
 )
 
 #: Candidate slots start with logits in this range, so that none starts saturated (a
@@ -332,8 +332,7 @@ def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: flo
     shape = tuple(work.shape[:2])
     raw, stats = predictor.reading(work)
     k, stride = predictor.n_types, predictor.run.encoder.stride
-    reported, n_found, bg = _slot_census(raw, stats, jnp.float32(min_presence), n_types=k, stride=stride,
-                                         shape=shape)
+    reported, n_found = _slot_census(raw, stats, jnp.float32(min_presence), n_types=k, stride=stride)
     n_slots = min(slot_count(int(int(n_found) * (1 + spare)) + SLOT_BUCKET // 16), reported.size)
     slots = jax.device_get(_candidates(raw, stats, reported, n_types=k, stride=stride, shape=shape,
                                        n_slots=n_slots))
@@ -349,21 +348,21 @@ def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: flo
         slots["log_radius"][0], slots["log_radius_scale"][0], slots["composition"][0],
         slots["composition_scale"][0], logit[0],
     )
-    return anchor, values, Background(bg.colour[0], bg.illumination[0])
+    return anchor, values, predictor.background(work)
 
 
 # The two steps of `slots_from_encoder` that work on the cell grid, each jitted as one
 # program: op by op, a fresh process traced and loaded about a hundred small programs
 # (1.6 s on the slide at 4x).
-@functools.partial(jax.jit, static_argnames=("n_types", "stride", "shape"))
-def _slot_census(raw, stats, min_presence, *, n_types, stride, shape):
-    """(cells predict reports (1, Hc, Wc), how many cells become slots, the background)."""
+@functools.partial(jax.jit, static_argnames=("n_types", "stride"))
+def _slot_census(raw, stats, min_presence, *, n_types, stride):
+    """(cells predict reports (1, Hc, Wc), how many cells become slots)."""
     out = decode_outputs(raw[None], stats[None], n_types, stride)
     p = jax.nn.sigmoid(out.logit)
     peak = p >= jax.lax.reduce_window(p, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 1, 1), "SAME")
     # Predict also reports confident cells that are not 3 x 3 peaks; they are slots too.
     reported = cell_droplets(jax.tree_util.tree_map(lambda a: a[0], out), DEFAULT_THRESHOLD)["detected"][None]
-    return reported, jnp.sum((peak & (p >= min_presence)) | reported), fit_background(out, shape)
+    return reported, jnp.sum((peak & (p >= min_presence)) | reported)
 
 
 @functools.partial(jax.jit, static_argnames=("n_types", "stride", "shape", "n_slots"))
