@@ -444,7 +444,7 @@ def run_refine_bench(checkpoint: str | None = None, size: tuple[int, int] = (256
     loss against 211 from random slots).
     """
     from amortize.predict import SIMULATED_CHECKPOINT, Predictor
-    from amortize.refinement import RefineConfig, prior_start, slots_from_encoder, solver
+    from amortize.refinement import RefineConfig, prior_start, slots_from_encoder, solver, svi_render
     from amortize.simulate import iter_simulation
     from amortize.wake import WakeConfig
 
@@ -464,8 +464,8 @@ def run_refine_bench(checkpoint: str | None = None, size: tuple[int, int] = (256
     n_slots = anchor["x"].shape[1]
     wake = WakeConfig(crop=(max(h, 32), max(w, 32)), batch_size=1, temperature=config.temperature,
                       border=0, blur_max=config.blur_max)
-    fns = solver(n_slots, scene, run.encoder, run.simulation.render, wake, config.freeze_optics,
-                 config.learning_rate)
+    fns = solver(n_slots, scene, run.encoder, svi_render(run.simulation.render, config, 1.0), wake,
+                 config.freeze_optics, config.learning_rate)
     optics = jax.tree_util.tree_map(jnp.asarray, predictor.optics)
     images = jnp.asarray(image)[None]
     init_params = {"log_noise": jnp.log(jnp.float32(noise))}

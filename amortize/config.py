@@ -149,6 +149,11 @@ class RenderConfig:
             the rim).
         fade_start: normalised distance at which the droplet's effect starts fading to 0 at
             `reach`, so that appearance is continuous where the nearest droplet changes.
+        overlap_softness: 0 (the scene model) gives each pixel to the nearest droplet. A
+            positive value tau blends the two nearest, the nearer weighted by
+            sigmoid((d2 - d1) / tau) in normalised distance, so that gradients also see
+            where an overlap's boundary lies. Refinement uses it (`RefineConfig`); it
+            evaluates the optics twice per pixel.
     """
 
     tile: int = 8
@@ -157,6 +162,7 @@ class RenderConfig:
     tile_candidates: int = 16
     reach: float = 1.5
     fade_start: float = 1.2
+    overlap_softness: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.tile >= 2, "tile", "must be >= 2")
@@ -165,6 +171,7 @@ class RenderConfig:
         _check(self.tile_candidates >= 1, "tile_candidates", "must be >= 1")
         _check(self.reach > 1.0, "reach", "must be > 1 (a droplet covers at least its disc)")
         _check(0 < self.fade_start < self.reach, "fade_start", "need 0 < fade_start < reach")
+        _check(self.overlap_softness >= 0, "overlap_softness", "must be >= 0")
 
     @property
     def max_radius(self) -> float:

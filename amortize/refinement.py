@@ -122,6 +122,15 @@ class RefineConfig:
         samples: on a copy enlarged k times, SVI evaluates the model's rendering at this
             many points per image pixel side (at most k; see `sample_points`), not at all
             k x k work pixels. Each step costs about (samples / k)^2 as much.
+        overlap_softness: `RenderConfig.overlap_softness` of SVI's model at scales >= 1 (0:
+            the scene model's nearest-droplet compositing). Its gradient does not see the
+            boundary between two overlapping droplets move, and centres settled where it
+            vanishes, not where the fit is best: refined from the true droplets, a 2 px
+            droplet sat 0.7 px off with 200 log-likelihood units to gain at the truth. On 10
+            validation scenes (seed 555) 0.05 took the position RMSE from 0.156 to 0.141 px.
+            Each step costs about 1.8 times as much, so enlarged copies (droplets 4 times
+            larger in work px, a smaller share of their pixels on a boundary) keep it off:
+            the slide at 4x gained 0.0001 in fit at twice the time.
     """
 
     steps: int = 1000
@@ -142,6 +151,7 @@ class RefineConfig:
     birth_snr: float = 6.0
     blur_max: float = 2.0
     samples: int = 2
+    overlap_softness: float = 0.05
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps", "must be >= 1")
@@ -161,6 +171,7 @@ class RefineConfig:
         _check(self.birth_snr > 0, "birth_snr", "must be > 0")
         _check(0 <= self.blur_max <= BLUR_MAX_PX, "blur_max", f"must be in [0, {BLUR_MAX_PX}] px")
         _check(self.samples >= 1, "samples", "must be >= 1")
+        _check(self.overlap_softness >= 0, "overlap_softness", "must be >= 0")
 
 
 @dataclasses.dataclass
@@ -624,6 +635,12 @@ class OrderedTraceELBO(ELBO):
         return {"loss": guide_log_q - model_log_p, "mutable_state": None}
 
 
+def svi_render(render_config: RenderConfig, config: RefineConfig, scale: float) -> RenderConfig:
+    """The renderer settings of SVI's model at `scale`: soft overlaps at scales >= 1 only
+    (see `RefineConfig.overlap_softness`)."""
+    return dataclasses.replace(render_config, overlap_softness=config.overlap_softness if scale >= 1 else 0.0)
+
+
 @functools.lru_cache(maxsize=8)
 def solver(n_slots: int, scene, encoder, render_config, wake: WakeConfig, freeze_optics: bool,
             learning_rate: float):
@@ -748,8 +765,8 @@ def refine(
         wake = WakeConfig(crop=(max(h, 32), max(w, 32)), batch_size=1, temperature=config.temperature,
                           border=0, blur_max=config.blur_max, pool=pool,
                           samples=sample_points(pool, config.samples))
-        svi, svi_init, run_chunk = solver(anchor["x"].shape[1], scene, enc, render_config, wake,
-                                 config.freeze_optics, config.learning_rate)
+        svi, svi_init, run_chunk = solver(anchor["x"].shape[1], scene, enc, svi_render(render_config, config, scale),
+                                          wake, config.freeze_optics, config.learning_rate)
         images = jnp.asarray(image if pool > 1 else work)[None]
         key = jax.random.PRNGKey(seed)
         # The pixel noise starts at the encoder's reconstruction error.

@@ -12,8 +12,9 @@ array. Instead (see `RenderConfig`):
    overlap. The optics MLP is evaluated once per pixel, for that droplet only.
 
 The choice of droplet is piecewise constant. Gradients flow through the winner's geometry,
-composition and presence, and through the optics and the background, which is what SVI and
-the encoder's training need.
+composition and presence, and through the optics and the background, which is what the
+encoder's training needs. They do not see a boundary between overlapping droplets move:
+for SVI, `RenderConfig.overlap_softness` blends the two nearest droplets across it.
 """
 
 from __future__ import annotations
@@ -164,13 +165,11 @@ def _from_tiles(a: jnp.ndarray, layout: GridLayout, tile: int) -> jnp.ndarray:
     return a[:h, :w]
 
 
-def nearest_droplet(
+def _candidate_distances(
     droplets: Droplets, shape: tuple[int, int], config: RenderConfig
-) -> tuple[jnp.ndarray, GridLayout]:
-    """Index of the droplet each pixel shows, in tile layout (n_tiles, tile**2); -1 = none.
-
-    Integer output, so no gradient flows through the choice itself.
-    """
+) -> tuple[jnp.ndarray, jnp.ndarray, GridLayout]:
+    """Each tile's candidates (n_tiles, K) and every pixel's squared normalised distance to
+    them, (n_tiles, tile**2, K), inf for an empty candidate slot."""
     layout = grid_layout(tuple(shape), config)
     t = config.tile
     table = bin_droplets(droplets, layout, config)
@@ -184,10 +183,32 @@ def nearest_droplet(
     d2 = ((px[..., None] - x[:, None, :]) ** 2 + (py[..., None] - y[:, None, :]) ** 2) / (
         r[:, None, :] ** 2
     )
-    d2 = jnp.where(cand[:, None, :] >= 0, d2, jnp.inf)
+    return cand, jnp.where(cand[:, None, :] >= 0, d2, jnp.inf), layout
+
+
+def nearest_droplet(
+    droplets: Droplets, shape: tuple[int, int], config: RenderConfig
+) -> tuple[jnp.ndarray, GridLayout]:
+    """Index of the droplet each pixel shows, in tile layout (n_tiles, tile**2); -1 = none.
+
+    Integer output, so no gradient flows through the choice itself.
+    """
+    cand, d2, layout = _candidate_distances(droplets, shape, config)
     pick = jnp.argmin(d2, axis=-1)
-    winner = jnp.take_along_axis(cand, pick, axis=1)
-    return winner, layout
+    return jnp.take_along_axis(cand, pick, axis=1), layout
+
+
+def nearest_two(
+    droplets: Droplets, shape: tuple[int, int], config: RenderConfig
+) -> tuple[jnp.ndarray, GridLayout]:
+    """The two nearest droplets of each pixel, nearest first, (n_tiles, tile**2, 2); -1 = none."""
+    cand, d2, layout = _candidate_distances(droplets, shape, config)
+    neg, pick = jax.lax.top_k(-d2, min(2, cand.shape[1]))
+    rows = jnp.arange(cand.shape[0])[:, None, None]
+    two = jnp.where(jnp.isfinite(neg), cand[rows, pick], -1)
+    if two.shape[-1] < 2:  # a single candidate per tile: the second is always empty
+        two = jnp.concatenate([two, jnp.full_like(two, -1)], axis=-1)
+    return two, layout
 
 
 #: Pixels per chunk of the per-pixel stage. The MLP's activations for one chunk stay in cache
@@ -204,7 +225,11 @@ def render_logits(
     config: RenderConfig = RenderConfig(),
 ) -> jnp.ndarray:
     """Pixel logits (H, W, C); `render` is their sigmoid."""
-    winner, layout = nearest_droplet(droplets, shape, config)
+    soft = config.overlap_softness > 0
+    if soft:
+        winner, layout = nearest_two(droplets, shape, config)
+    else:
+        winner, layout = nearest_droplet(droplets, shape, config)
     h, w = shape
     n_pix = h * w
     chunk = min(PIXEL_CHUNK, n_pix)
@@ -224,9 +249,10 @@ def render_logits(
         "bg_logit": chunked(background_logits(background, shape)),
     }
 
-    def shade(p):
-        found = p["winner"] >= 0
-        idx = jnp.maximum(p["winner"], 0)
+    def droplet_term(index, p):
+        """(normalised distance, logit added by droplet `index` (-1: none)) at each pixel."""
+        found = index >= 0
+        idx = jnp.maximum(index, 0)
         r = droplets.radius[idx]
         dx_r = (p["x"] - droplets.x[idx]) / r
         dy_r = (p["y"] - droplets.y[idx]) / r
@@ -234,7 +260,16 @@ def render_logits(
         weight = jnp.where(found, fade(d, config) * droplets.presence[idx], 0.0)
         colour = jax.nn.sigmoid(p["bg_logit"])
         feats = optics_features(colour, dx_r, dy_r, r, droplets.composition[idx])
-        return p["bg_logit"] + weight[:, None] * apply_optics(optics_params, feats)
+        return d, weight[:, None] * apply_optics(optics_params, feats)
+
+    def shade(p):
+        if not soft:
+            return p["bg_logit"] + droplet_term(p["winner"], p)[1]
+        d1, term1 = droplet_term(p["winner"][:, 0], p)
+        d2, term2 = droplet_term(p["winner"][:, 1], p)
+        near = jax.nn.sigmoid((d2 - d1) / config.overlap_softness)
+        near = jnp.where(p["winner"][:, 1] >= 0, near, 1.0)[:, None]
+        return p["bg_logit"] + near * term1 + (1 - near) * term2
 
     logits = jax.lax.map(shade, pixels)
     return logits.reshape(n_chunks * chunk, -1)[:n_pix].reshape(h, w, -1)

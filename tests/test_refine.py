@@ -24,7 +24,9 @@ TRUTH = {
     "comp": np.array([[0.8, 0.2, 0.3], [0.1, 0.7, 0.5], [0.5, 0.5, 0.9]], np.float32),
 }
 COLOUR = np.array([0.6, 0.55, 0.5], np.float32)
-CONFIG = RefineConfig(steps=300, learning_rate=0.03, chunk=25)
+#: Hard compositing: these scenes' droplets do not overlap, where soft overlaps change
+#: nothing but the cost (the optics run twice per pixel); the first test runs the default.
+CONFIG = RefineConfig(steps=300, learning_rate=0.03, chunk=25, overlap_softness=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +62,11 @@ def nearest(result_table, x, y):
     return (float(d.min()) if d.size else np.inf), int(np.argmin(d)) if d.size else -1
 
 
-def test_a_perturbed_droplet_moves_back_towards_the_truth(predictor):
+@pytest.mark.parametrize("softness", [RefineConfig().overlap_softness, 0.0])
+def test_a_perturbed_droplet_moves_back_towards_the_truth(predictor, softness):
     image = scene(predictor, noise=0.01)
-    res = refine(image, predictor, config=CONFIG, device="cpu", start_table=table(shift=(0.4, -0.3)))
+    config = dataclasses.replace(CONFIG, overlap_softness=softness)
+    res = refine(image, predictor, config=config, device="cpu", start_table=table(shift=(0.4, -0.3)))
     before = np.hypot(0.4, 0.3)
     after, _ = nearest(res.table, TRUTH["x"][0], TRUTH["y"][0])
     assert after < 0.3 * before, (before, after)
@@ -403,3 +407,26 @@ def test_the_fit_is_watched_on_enlarged_copies_and_measures_the_reconstruction(p
     assert always.fits.size == always.steps // 10
     best = float(np.min(always.fits))
     assert abs(best - always.recon_rmse_after) < 0.1 * always.recon_rmse_after, (best, always.recon_rmse_after)
+
+
+class _SolverBuilt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("scale, softness", [(None, 0.07), (0.5, 0.0)])
+def test_overlaps_are_soft_at_scale_one_and_hard_on_enlarged_copies(predictor, monkeypatch, scale, softness):
+    from amortize import refinement
+
+    def spy(n_slots, scene_config, encoder, render_config, *rest):
+        raise _SolverBuilt(render_config.overlap_softness)
+
+    monkeypatch.setattr(refinement, "solver", spy)
+    with pytest.raises(_SolverBuilt) as built:
+        refine(scene(predictor, noise=0.01), predictor, config=RefineConfig(overlap_softness=0.07),
+               scale=scale, start_table=table(), device="cpu")
+    assert built.value.args[0] == softness
+
+
+def test_refine_config_rejects_negative_softness():
+    with pytest.raises(BadArgument, match="overlap_softness"):
+        RefineConfig(overlap_softness=-1.0)

@@ -1,9 +1,13 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets
+from amortize.errors import BadArgument
 from amortize.optics import apply_optics, optics_features
 from amortize.render import fade, nearest_droplet, overflow, render
 
@@ -182,3 +186,49 @@ def test_a_mostly_absent_slot_does_not_hide_the_droplet_under_it(optics, tiny_re
     with_faint = Droplets.from_arrays([12.0, 13.0], [12.0, 12.0], [6.0, 2.0],
                                       [[0.5, 0.2, 0.1], [0.0, 1.0, 0.0]], presence=[1.0, 0.2])
     np.testing.assert_allclose(render(with_faint, optics, bg, shape, tiny_render), alone, atol=1e-6)
+
+
+def _overlapping_pair(small_x=11.0):
+    # A radius-2.5 droplet overlapping a radius-6 one: their boundary crosses many pixels.
+    return Droplets.from_arrays([6.0, small_x], [9.0, 9.5], [6.0, 2.5], [[0.9, 0.1, 0.2], [0.1, 0.8, 0.7]])
+
+
+def test_soft_compositing_tends_to_the_nearest_droplet(optics, tiny_render):
+    rng = np.random.default_rng(3)
+    n, shape = 30, (26, 31)
+    d = Droplets.from_arrays(rng.uniform(-2, 33, n), rng.uniform(-2, 28, n), rng.uniform(1.5, 5.0, n),
+                             rng.uniform(0, 1, (n, 3)))
+    bg = Background.flat(BG)
+    hard = np.asarray(render(d, optics, bg, shape, tiny_render))
+    nearly = np.asarray(render(d, optics, bg, shape, dataclasses.replace(tiny_render, overlap_softness=1e-5)))
+    np.testing.assert_allclose(nearly, hard, atol=1e-4)
+    soft = np.asarray(render(d, optics, bg, shape, dataclasses.replace(tiny_render, overlap_softness=0.1)))
+    assert np.abs(soft - hard).max() > 1e-3  # it does blend where droplets overlap
+    # A lone droplet has no second candidate: soft compositing draws it exactly as before.
+    lone = one_droplet(12.0, 11.0, 4.0)
+    np.testing.assert_allclose(
+        np.asarray(render(lone, optics, bg, (24, 24), dataclasses.replace(tiny_render, overlap_softness=0.1))),
+        np.asarray(render(lone, optics, bg, (24, 24), tiny_render)), atol=1e-6)
+
+
+def test_soft_compositing_gradient_matches_finite_differences(optics, tiny_render):
+    # Differentiable everywhere, the blend's derivative includes the moving boundary
+    # between the two droplets, which finite differences see.
+    config = dataclasses.replace(tiny_render, overlap_softness=0.2)
+    bg = Background.flat(BG)
+    target = jnp.full((20, 20, 3), 0.5)
+
+    def loss(x):
+        d = _overlapping_pair(x)
+        return jnp.sum((render(d, optics, bg, (20, 20), config) - target) ** 2)
+
+    x0, eps = 11.0, 0.05
+    numeric = (float(loss(x0 + eps)) - float(loss(x0 - eps))) / (2 * eps)
+    analytic = float(jax.grad(loss)(jnp.float32(x0)))
+    assert abs(numeric) > 1e-3
+    np.testing.assert_allclose(analytic, numeric, rtol=0.05)
+
+
+def test_render_config_rejects_negative_softness():
+    with pytest.raises(BadArgument, match="overlap_softness"):
+        RenderConfig(overlap_softness=-0.1)
