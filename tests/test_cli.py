@@ -249,6 +249,8 @@ def test_bench_predict_and_train_quick(tiny_model_dir):
     assert [r["name"] for r in records] == ["refine_time_to_quality", "refine_time_to_quality_vs_notebook"]
     assert records[0]["encoder_steps_to_target"] >= 1
     assert records[1]["encoder_steps_to_target"] >= 1 and records[1]["notebook_best_rmse"] > 0
+    assert records[1]["notebook_best_at_step"] >= 1
+    assert records[1]["encoder_steps_to_notebook_best"] is None or records[1]["encoder_steps_to_notebook_best"] >= 1
 
 
 def test_train_with_data_adapts_and_predict_writes_reconstructions(tmp_path, tiny_model_dir, tiny_sim):
