@@ -3,7 +3,18 @@
 import os
 import pathlib
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache per test session, shared by this process and the CLI's subprocesses:
+# many tests compile the same tiny programs, and a fresh one keeps the timing a cold run's
+# (the user's ~/.cache is neither read nor filled).
+_CACHE = tempfile.TemporaryDirectory(prefix="amortize-test-cache-")
+os.environ["AMORTIZE_CACHE_DIR"] = _CACHE.name
+# The tests compile hundreds of tiny programs and run each for milliseconds: LLVM's
+# optimisation passes cost more than they save (a CLI train-and-predict test: 86 s -> 70 s).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -45,6 +56,15 @@ def shared_droplets_image():
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_only():
     assert jax.default_backend() == "cpu"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_compilation_cache():
+    from amortize.predict import enable_compilation_cache
+
+    enable_compilation_cache()
+    yield
+    _CACHE.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -233,19 +233,28 @@ def test_fit_stop_choices_are_refinements():
     assert tuple(fit_stop.choices) == FIT_STOPS and fit_stop.default == RefineConfig().fit_stop
 
 
-def test_bench_predict_and_train_quick(tiny_model_dir):
-    res = run("bench", "predict", "--quick", "--checkpoint", str(tiny_model_dir))
-    assert res.returncode == 0, res.stderr
-    names = [json.loads(line)["name"] for line in res.stdout.splitlines()]
-    assert names == ["predict_warm", "predict_cli_cold_cache", "predict_cli_warm_cache"]
-    res = run("bench", "train", "--quick")
-    assert res.returncode == 0, res.stderr
-    records = [json.loads(line) for line in res.stdout.splitlines()]
+def _bench(capsys, *args) -> list[dict]:
+    """`amortize bench ...` in this process (the subprocess path is `bench render`'s test):
+    its programs then share the session's compilation cache with the other tests."""
+    from amortize.cli import main
+
+    assert main(["bench", *args]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_bench_predict_quick(tiny_model_dir, capsys):
+    records = _bench(capsys, "predict", "--quick", "--checkpoint", str(tiny_model_dir))
+    assert [r["name"] for r in records] == ["predict_warm", "predict_cli_cold_cache", "predict_cli_warm_cache"]
+
+
+def test_bench_train_quick(capsys):
+    records = _bench(capsys, "train", "--quick")
     assert [r["name"] for r in records] == ["train_step", "wake_step"]
     assert records[0]["scenes_per_second"] > 0 and records[1]["crops_per_second"] > 0
-    res = run("bench", "refine", "--quick", "--checkpoint", str(tiny_model_dir))
-    assert res.returncode == 0, res.stderr
-    records = [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_bench_refine_quick(tiny_model_dir, capsys):
+    records = _bench(capsys, "refine", "--quick", "--checkpoint", str(tiny_model_dir))
     assert [r["name"] for r in records] == ["refine_time_to_quality", "refine_time_to_quality_vs_notebook"]
     assert records[0]["encoder_steps_to_target"] >= 1
     assert records[1]["encoder_steps_to_target"] >= 1 and records[1]["notebook_best_rmse"] > 0
@@ -262,7 +271,12 @@ def test_train_with_data_adapts_and_predict_writes_reconstructions(tmp_path, tin
         io.write_png(data / f"img{i}.png", image)
     (data / "broken.png").write_bytes(b"")
     work = tmp_path / "adapt"
-    res = run("train", "--config", str(RECIPES / "adapt_tiny.toml"), "--data", str(data),
+    # The tiny recipe with a frozen encoder and no sleep phase (tests/test_adapt.py runs the
+    # whole cycle in-process): 2 wake steps, then 2 of the final optics fit.
+    recipe = tmp_path / "adapt.toml"
+    recipe.write_text((RECIPES / "adapt_tiny.toml").read_text().replace(
+        "sleep_steps = 2", "sleep_steps = 0\nencoder_learning_rate = 0.0"))
+    res = run("train", "--config", str(recipe), "--data", str(data),
               "--workdir", str(work), "--init", str(tiny_model_dir), "--quiet")
     assert res.returncode == 0, res.stderr
     assert "broken.png: skipped, empty file" in res.stderr

@@ -35,9 +35,10 @@ def setup(optics):
 def test_elbo_is_numpyros_trace_elbo(setup):
     crops, kwargs, params, _ = setup
     key = jax.random.PRNGKey(3)
-    loss = numpyro.infer.Trace_ELBO().loss(key, params, wake_model, wake_guide, crops, **kwargs)
+    # Jitted: op by op, the renderer's hundreds of small programs cost more to compile.
+    loss = jax.jit(lambda p: numpyro.infer.Trace_ELBO().loss(key, p, wake_model, wake_guide, crops, **kwargs))(params)
     # Trace_ELBO seeds the guide with the second half of the split key.
-    ours = elbo_parts(params, jax.random.split(key)[1], crops, **kwargs)
+    ours = jax.jit(lambda p: elbo_parts(p, jax.random.split(key)[1], crops, **kwargs))(params)
     np.testing.assert_allclose(float(ours["elbo"]), -float(loss), rtol=1e-5)
     kl = sum(float(ours[k]) for k in ours if k.startswith("kl_"))
     np.testing.assert_allclose(float(ours["elbo"]), float(ours["log_likelihood"]) - kl, rtol=1e-5)
@@ -45,7 +46,7 @@ def test_elbo_is_numpyros_trace_elbo(setup):
 
 def test_elbo_and_its_gradients_are_finite_for_encoder_and_decoder(setup):
     crops, kwargs, params, _ = setup
-    grads = jax.grad(lambda p: elbo_parts(p, jax.random.PRNGKey(0), crops, **kwargs)["elbo"])(params)
+    grads = jax.jit(jax.grad(lambda p: elbo_parts(p, jax.random.PRNGKey(0), crops, **kwargs)["elbo"]))(params)
     assert set(grads) == {ENCODER_PARAM, "optics", "log_noise"}
     for name, g in grads.items():
         leaves = jax.tree_util.tree_leaves(g)
