@@ -285,7 +285,7 @@ def _svi_curve(solver_fns, args, init_params, steps: int, chunk: int, key) -> tu
     elapsed = 0.0
     for _ in range(-(-steps // chunk)):
         start = time.perf_counter()
-        state, chunk_losses = run(state, args, chunk)
+        state, chunk_losses, _ = run(state, args, chunk)
         chunk_losses = np.asarray(chunk_losses)
         took = time.perf_counter() - start
         losses.append(chunk_losses)
@@ -377,7 +377,7 @@ def run_notebook_comparison(predictor, image, config, anchor, values, background
     def enc_recon(state):
         return _render_params(svi.get_params(state), anchor, optics, (h, w), run.simulation.render, 0.5)
 
-    encoder = _recon_curve(enc_state, lambda st: step_run(st, args, chunk), enc_recon, image,
+    encoder = _recon_curve(enc_state, lambda st: step_run(st, args, chunk)[:2], enc_recon, image,
                            encoder_steps, chunk)
 
     wake = WakeConfig(crop=(max(h, 32), max(w, 32)), batch_size=1, temperature=config.temperature,

@@ -652,10 +652,16 @@ def solver(n_slots: int, scene, encoder, render_config, wake: WakeConfig, freeze
               n_slots=n_slots, scene=scene, encoder=encoder, render_config=render_config, wake=wake)
 
     def run(state, args, n):
-        def body(s, _):
-            return svi.stable_update(s, *args)
+        """n steps: (state, losses, the guide's parameters averaged over the n steps)."""
+        def body(carry, _):
+            s, total = carry
+            s, loss = svi.stable_update(s, *args)
+            total = jax.tree_util.tree_map(jnp.add, total, svi.get_params(s))
+            return (s, total), loss
 
-        return jax.lax.scan(body, state, None, length=n)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, svi.get_params(state))
+        (state, total), losses = jax.lax.scan(body, (state, zeros), None, length=n)
+        return state, losses, jax.tree_util.tree_map(lambda t: t / n, total)
 
     # `SVI.init` traces the model and guide; eagerly, op by op through the renderer, that took
     # longer than the SVI steps themselves (16 s on a 380 x 338 image).
@@ -804,11 +810,11 @@ def refine(
                 return _reported_fit(svi.get_params(s), args[1], args[0], args[4], render_config=render_config,
                                      wake=wake, threshold=config.threshold)
 
-            state, stopped_by, at = _svi_round(run_chunk, state, args, budget, config, losses, fits, bar,
-                                               fit if watch_fit else None)
+            state, stopped_by, at, averaged = _svi_round(run_chunk, state, args, budget, config, losses, fits,
+                                                         bar, fit if watch_fit else None)
             answer_step = done + at
         bar.close()
-        params = jax.device_get(svi.get_params(state))
+        params = jax.device_get(svi.get_params(state) if averaged is None else averaged)
         final_optics = optics if config.freeze_optics else params["optics"]
         table = posterior_table(params, anchor, (h, w), config.threshold, scale)
         bg = Background(params["colour_value"][0], params["illumination_value"][0])
@@ -862,9 +868,14 @@ def refine_optimizer(lr: float):
 def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=None):
     """SVI steps until `budget` is spent or a convergence test fires.
 
-    Returns (state, stopped_by, at): the final state, or with a `fit` (state -> RMSE of the
-    reported droplets, checked every `fit_every` steps and appended to `fits`) the state
-    that fit best; "loss", "fit" or None (budget spent); and the round's steps at that state.
+    Returns (state, stopped_by, at, averaged): the final state, or with a `fit` (state ->
+    RMSE of the reported droplets, checked every `fit_every` steps and appended to `fits`)
+    the state that fit best; "loss", "fit" or None (budget spent); the round's steps at that
+    state; and without a `fit`, the guide's parameters averaged over the last chunk (None
+    with one). When the loss test stops a round without a `fit`, one more chunk runs (within
+    the budget) and its average is the answer: Adam's iterates jitter around the optimum,
+    and their mean sits closer to it (Polyak-Ruppert averaging; 10 validation scenes,
+    seed 555: position RMSE 0.1380 px from the last iterate, 0.1366 from the mean of 25).
     Relative-change tests:
     - loss, over windows of `chunk` steps: `patience` windows in a row have not lowered the
       best window-mean loss by more than `tol` of it. (A single-draw ELBO of a whole image
@@ -875,18 +886,23 @@ def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=No
     """
     unit = config.fit_every if fit is not None else config.chunk
     best, stale = None, 0
-    best_fit, fit_stale, answer, at = None, 0, state, 0
+    best_fit, fit_stale, answer, at, averaged = None, 0, state, 0, None
     used, window = 0, []
-    while used < budget:
-        n = min(unit, budget - used)
-        state, unit_losses = run_chunk(state, args, n)
+
+    def advance(state, n):
+        state, unit_losses, mean = run_chunk(state, args, n)
         unit_losses = np.asarray(unit_losses)
         losses.append(unit_losses)
+        bar.update(n)
+        return state, unit_losses, mean
+
+    while used < budget:
+        n = min(unit, budget - used)
+        state, unit_losses, mean = advance(state, n)
         window.append(unit_losses)
         used += n
-        bar.update(n)
         if fit is None:
-            answer, at = state, used
+            answer, at, averaged = state, used, mean
         else:
             err = float(fit(state))
             fits.append(err)
@@ -897,7 +913,7 @@ def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=No
             else:
                 best_fit, fit_stale = min(best_fit, err), fit_stale + 1
                 if n == unit and fit_stale >= config.fit_patience:
-                    return answer, "fit", at
+                    return answer, "fit", at, None
         complete = sum(map(len, window)) >= config.chunk
         if complete or n < unit or used >= budget:
             mean, window = _finite_mean(np.concatenate(window)), []
@@ -911,8 +927,12 @@ def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=No
         else:
             stale += 1
             if stale >= config.patience:
-                return answer, "loss", at
-    return answer, None, at
+                if fit is None and used < budget:  # the averaged chunk
+                    n = min(config.chunk, budget - used)
+                    answer, _, averaged = advance(answer, n)
+                    at = used + n
+                return answer, "loss", at, averaged
+    return answer, None, at, averaged
 
 
 def _finite_mean(losses: np.ndarray) -> float:

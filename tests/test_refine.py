@@ -339,7 +339,7 @@ def _fake_round(fits_seen, losses_per_chunk, fit_values, config):
     from amortize.refinement import _svi_round
 
     def run_chunk(state, args, n):
-        return state + 1, np.full(n, losses_per_chunk[state], np.float32)
+        return state + 1, np.full(n, losses_per_chunk[state], np.float32), {"mean_of_chunk": state + 1}
 
     fit = None if fit_values is None else (lambda s: fit_values[s - 1])
     return _svi_round(run_chunk, 0, (), config.steps, config, [], fits_seen, tqdm(disable=True), fit)
@@ -349,15 +349,15 @@ def test_the_fit_test_stops_and_reports_the_best_fitting_state():
     config = RefineConfig(steps=200, chunk=25, tol=1e-3, patience=3, fit_tol=0.01, fit_patience=1, fit_every=25)
     falling = [-1000.0 * 1.05**k for k in range(8)]  # the loss never converges
     fits = []
-    state, stopped_by, at = _fake_round(fits, falling, [0.030, 0.025, 0.0249, 0.02], config)
+    state, stopped_by, at, averaged = _fake_round(fits, falling, [0.030, 0.025, 0.0249, 0.02], config)
     # 0.0249 is within 1 % of 0.025: stop after chunk 3, reporting chunk 3 (the best so far).
     assert (state, stopped_by, at) == (3, "fit", 75) and fits == [0.030, 0.025, 0.0249]
     fits = []
-    state, stopped_by, at = _fake_round(fits, falling, [0.030, 0.025, 0.0262, 0.02], config)
+    state, stopped_by, at, averaged = _fake_round(fits, falling, [0.030, 0.025, 0.0262, 0.02], config)
     assert (state, stopped_by, at) == (2, "fit", 50)  # a worse last chunk is not reported
     patient = dataclasses.replace(config, fit_patience=2)
-    state, stopped_by, at = _fake_round([], falling, [0.030, 0.025, 0.0262, 0.02, 0.0199, 0.0201], patient)
-    assert (state, stopped_by, at) == (5, "fit", 125)
+    state, stopped_by, at, averaged = _fake_round([], falling, [0.030, 0.025, 0.0262, 0.02, 0.0199, 0.0201], patient)
+    assert (state, stopped_by, at, averaged) == (5, "fit", 125, None)  # the fit test reports a state
 
 
 def test_the_fit_is_checked_every_few_steps_and_the_loss_over_whole_windows():
@@ -365,20 +365,24 @@ def test_the_fit_is_checked_every_few_steps_and_the_loss_over_whole_windows():
     fits = []
     # The fit keeps improving, the loss is flat: the loss test, over 25-step windows (five
     # checks each), stops it after the third window, on the best-fitting (last) state.
-    state, stopped_by, at = _fake_round(fits, [-1000.0] * 100, [0.9**k for k in range(100)], config)
-    assert (state, stopped_by, at) == (15, "loss", 75) and len(fits) == 15
+    state, stopped_by, at, averaged = _fake_round(fits, [-1000.0] * 100, [0.9**k for k in range(100)], config)
+    assert (state, stopped_by, at, averaged) == (15, "loss", 75, None) and len(fits) == 15
     # A fit that is best after 4 checks stops it at the fifth, reporting the fourth.
-    state, stopped_by, at = _fake_round([], [-1000.0 * 1.05**k for k in range(100)],
-                                        [0.04, 0.03, 0.028, 0.027, 0.0271, 0.02], config)
+    state, stopped_by, at, averaged = _fake_round([], [-1000.0 * 1.05**k for k in range(100)],
+                                                  [0.04, 0.03, 0.028, 0.027, 0.0271, 0.02], config)
     assert (state, stopped_by, at) == (4, "fit", 20)
 
 
-def test_without_the_fit_test_the_loss_test_stops_on_the_last_state():
+def test_without_the_fit_test_the_loss_test_stops_on_an_averaged_chunk():
     config = RefineConfig(steps=500, chunk=25, tol=1e-3, patience=2)
     flat = [-1000.0, -1100.0, -1100.5, -1100.2, -1100.1, -1100.0]
     fits = []
-    assert _fake_round(fits, flat, None, config) == (4, "loss", 100) and fits == []
-    assert _fake_round([], [-1000.0 * 1.05**k for k in range(20)], None, config) == (20, None, 500)
+    # Converged after 4 chunks, it runs a fifth and reports the mean of its iterates.
+    assert _fake_round(fits, flat, None, config) == (5, "loss", 125, {"mean_of_chunk": 5}) and fits == []
+    # Within the budget: 10 steps were left for that chunk.
+    assert _fake_round([], flat, None, dataclasses.replace(config, steps=110))[2] == 110
+    assert _fake_round([], [-1000.0 * 1.05**k for k in range(20)], None, config) == (20, None, 500,
+                                                                                      {"mean_of_chunk": 20})
 
 
 def test_refine_config_rejects_a_bad_fit_test():
