@@ -890,19 +890,19 @@ def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=No
     used, window = 0, []
 
     def advance(state, n):
-        state, unit_losses, mean = run_chunk(state, args, n)
+        state, unit_losses, chunk_params = run_chunk(state, args, n)
         unit_losses = np.asarray(unit_losses)
         losses.append(unit_losses)
         bar.update(n)
-        return state, unit_losses, mean
+        return state, unit_losses, chunk_params
 
     while used < budget:
         n = min(unit, budget - used)
-        state, unit_losses, mean = advance(state, n)
+        state, unit_losses, chunk_params = advance(state, n)
         window.append(unit_losses)
         used += n
         if fit is None:
-            answer, at, averaged = state, used, mean
+            answer, at, averaged = state, used, chunk_params
         else:
             err = float(fit(state))
             fits.append(err)

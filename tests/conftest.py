@@ -1,8 +1,8 @@
-"""Shared test set-up: CPU only, tiny shapes, and the shared data folder (skip if absent)."""
+"""Shared test set-up: CPU only, one cold compilation cache per session, tiny shapes, and the
+shared data folder (skip if absent)."""
 
 import os
 import pathlib
-
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -189,7 +189,10 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     io.write_png(good, simulate(1, (48, 40), seed=4, config=tiny_sim).images[0])
     (tmp_path / "zero.png").write_bytes(b"")
     out = tmp_path / "refined"
-    args = ["--out", str(out), "--checkpoint", str(tiny_model_dir), "--steps", "10", "--device", "cpu"]
+    # Not the defaults (tests/test_refine.py has those): the --force run below repeats these
+    # flags, so its programs come from the session's compilation cache.
+    args = ["--out", str(out), "--checkpoint", str(tiny_model_dir), "--steps", "10", "--device", "cpu",
+            "--no-freeze-optics", "--fit-stop", "always"]
     res = run("refine", str(good), str(tmp_path / "zero.png"), *args, "--quiet")
     assert res.returncode == 1
     errors = [line for line in res.stderr.splitlines() if "error" in line]
@@ -200,7 +203,7 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     assert list(table) == ["x", "y", "radius", "presence", "comp_0", "comp_1", "comp_2",
                            "x_std", "y_std", "radius_std"]
     meta = json.loads((out / "good.json").read_text())
-    assert meta["steps"] == 10 and meta["device"].startswith("cpu")
+    assert meta["steps"] == 10 and meta["device"].startswith("cpu") and meta["config"]["fit_stop"] == "always"
     assert {"recon_rmse_before", "recon_rmse_after", "wall_s", "converged"} <= set(meta)
     assert io.read_image(out / "good.recon.png").shape == (40, 48, 3)
     # Existing outputs are kept unless --force.
@@ -208,10 +211,12 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     res = run("refine", str(good), *args, "--quiet")
     assert res.returncode == 1 and "--force" in res.stderr
     assert (out / "good.csv").read_bytes() == before
-    res = run("refine", str(good), *args, "--quiet", "--force", "--no-freeze-optics", "--fit-stop", "always")
+    (out / "good.csv").write_text("stale")
+    res = run("refine", str(good), *args, "--quiet", "--force")
     assert res.returncode == 0, res.stderr
+    assert (out / "good.csv").read_bytes() == before  # overwritten, and the run is deterministic
     meta = json.loads((out / "good.json").read_text())
-    assert len(meta["fit_rmse_per_check"]) == 2 and meta["config"]["fit_stop"] == "always"
+    assert len(meta["fit_rmse_per_check"]) == 2
 
 
 def test_refine_bad_device_and_steps_exit_2(tmp_path):
