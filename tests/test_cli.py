@@ -278,9 +278,10 @@ def test_train_with_data_adapts_and_predict_writes_reconstructions(tmp_path, tin
     work = tmp_path / "adapt"
     # The tiny recipe with a frozen encoder and no sleep phase (tests/test_adapt.py runs the
     # whole cycle in-process): 2 wake steps, then 2 of the final optics fit.
+    text = (RECIPES / "adapt_tiny.toml").read_text()
+    assert "sleep_steps = 2" in text
     recipe = tmp_path / "adapt.toml"
-    recipe.write_text((RECIPES / "adapt_tiny.toml").read_text().replace(
-        "sleep_steps = 2", "sleep_steps = 0\nencoder_learning_rate = 0.0"))
+    recipe.write_text(text.replace("sleep_steps = 2", "sleep_steps = 0\nencoder_learning_rate = 0.0"))
     res = run("train", "--config", str(recipe), "--data", str(data),
               "--workdir", str(work), "--init", str(tiny_model_dir), "--quiet")
     assert res.returncode == 0, res.stderr
