@@ -83,7 +83,7 @@ def test_translation_by_a_cell_moves_outputs(tiny):
 def test_gradients_are_finite(tiny):
     cfg, params = tiny
     image = jax.random.uniform(jax.random.PRNGKey(5), (1, 64, 64, 3))
-    grads = jax.grad(lambda p: jnp.sum(encode(p, cfg, image).logit))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(encode(p, cfg, image).logit)))(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
 
 

@@ -131,7 +131,7 @@ def test_cells_outside_image_do_not_count():
 def test_gradients_finite_even_with_empty_scene():
     empty = Droplets.from_arrays([-40.0], [-40.0], [2.0], [[0.5, 0.5]], [0.0])
     for truth in (one_droplet(), empty):
-        grads = jax.grad(lambda o: set_loss(o, truth, BG, SHAPE)[0])(cells())
+        grads = jax.jit(jax.grad(lambda o: set_loss(o, truth, BG, SHAPE)[0]))(cells())
         assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
 
 

@@ -56,7 +56,7 @@ def test_log_density_and_gradient_finite_on_an_observed_image(optics, tiny_scene
                             {**lat, **fixed})
         return lp
 
-    lp, grads = jax.value_and_grad(logp)(latents)
+    lp, grads = jax.jit(jax.value_and_grad(logp))(latents)  # jitted: op by op costs more
     assert np.isfinite(float(lp))
     for name, g in grads.items():
         assert np.all(np.isfinite(np.asarray(g))), name
