@@ -454,9 +454,8 @@ def run_refine_bench(checkpoint: str | None = None, size: tuple[int, int] = (256
     loss against 211 from random slots).
     """
     from amortize.predict import SIMULATED_CHECKPOINT, Predictor
-    from amortize.refinement import RefineConfig, prior_start, slots_from_encoder, solver, svi_render
+    from amortize.refinement import RefineConfig, prior_start, slots_from_encoder, solver, svi_render, svi_wake
     from amortize.simulate import iter_simulation
-    from amortize.wake import WakeConfig
 
     if quick:
         size, encoder_steps, prior_steps, notebook_steps = (64, 48), 25, 50, 50
@@ -472,8 +471,7 @@ def run_refine_bench(checkpoint: str | None = None, size: tuple[int, int] = (256
     noise = max(rmse(image, predictor.reconstruct(image, table)), 1e-3)
     anchor, values, background = slots_from_encoder(predictor, image, config.min_presence, config.spare)
     n_slots = anchor["x"].shape[1]
-    wake = WakeConfig(crop=(max(h, 32), max(w, 32)), batch_size=1, temperature=config.temperature,
-                      border=0, blur_max=config.blur_max)
+    wake = svi_wake(config, (h, w), (h, w))
     fns = solver(n_slots, scene, run.encoder, svi_render(run.simulation.render, config, 1.0), wake,
                  config.freeze_optics, config.learning_rate)
     optics = jax.tree_util.tree_map(jnp.asarray, predictor.optics)

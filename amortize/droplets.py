@@ -69,17 +69,22 @@ class Droplets:
 class Background:
     """Per-channel background colour times a smooth, low-order illumination field.
 
-    In logit space: logit(bg(u, v, c)) = logit(colour[c]) + sum_k illumination[c, k] * phi_k(u, v),
-    with u, v in [-1, 1] across the image and phi = (u, v, u^2 - 1/3, u v, v^2 - 1/3), so that
-    the coefficients are (roughly) uncorrelated and 0 means a flat field.
+    In logit space: logit(bg(u, v, c)) = logit(colour[c]) + sum_k illumination[c, k] * phi_k(u, v)
+    [+ field(u, v, c)], with u, v in [-1, 1] across the image and phi = (u, v, u^2 - 1/3, u v,
+    v^2 - 1/3), so that the coefficients are (roughly) uncorrelated and 0 means a flat field.
 
     Attributes:
         colour: shape (..., C), in (0, 1).
         illumination: shape (..., C, 5), logit units.
+        field: None, or shape (..., C, Gy, Gx): a smooth correction in logit units, its values
+            at a Gy x Gx grid of knots spanning the image, interpolated bilinearly
+            (`field_at`). Refinement fits it on wide fields, whose illumination a quadratic
+            cannot follow; the scene model and the simulator leave it out.
     """
 
     colour: jnp.ndarray
     illumination: jnp.ndarray
+    field: jnp.ndarray | None = None
 
     @classmethod
     def flat(cls, colour) -> "Background":
@@ -108,10 +113,28 @@ def illumination_basis(shape: tuple[int, int]) -> jnp.ndarray:
     return illumination_at(xx, yy, shape)
 
 
+def tent_matrix(n_knots: int, length: int) -> np.ndarray:
+    """(length, n_knots) weights of linear interpolation between `n_knots` evenly spaced
+    knots, the first at pixel 0 and the last at pixel length - 1 (the span of u or v)."""
+    t = np.linspace(0.0, n_knots - 1.0, length) if length > 1 else np.full(1, (n_knots - 1) / 2)
+    return np.maximum(0.0, 1.0 - np.abs(t[:, None] - np.arange(n_knots)[None])).astype(np.float32)
+
+
+def field_at(field: jnp.ndarray, shape: tuple[int, int]) -> jnp.ndarray:
+    """A knot grid (C, Gy, Gx) interpolated bilinearly onto an (H, W) image, (H, W, C).
+
+    Two small matrix products (separable tents), not a gather: its gradient is as cheap."""
+    _, gy, gx = field.shape
+    h, w = shape
+    return jnp.einsum("yi,cij,xj->yxc", tent_matrix(gy, h), field, tent_matrix(gx, w))
+
+
 def background_logits(background: Background, shape: tuple[int, int]) -> jnp.ndarray:
     """Logit of the background at every pixel, shape (H, W, C)."""
     colour = jnp.clip(background.colour, 1e-4, 1 - 1e-4)
     field = jnp.einsum("hwk,ck->hwc", illumination_basis(shape), background.illumination)
+    if background.field is not None:
+        field = field + field_at(background.field, shape)
     return jnp.log(colour) - jnp.log1p(-colour) + field
 
 

@@ -73,6 +73,10 @@ COMP_LOGIT_SCALE_MAX = 1.5
 ABSENT_LOGIT = -30.0
 #: Keeps the background point estimate strictly inside its Uniform prior.
 BACKGROUND_EPS = 1e-3
+#: Prior sd of the smooth background correction's knots (`WakeConfig.field_knots`), logit
+#: units: about 2.5 % of a mid-grey pixel, the size of the slow variations the quadratic
+#: illumination left on a 507 x 380 frame.
+FIELD_SD = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,9 @@ class WakeConfig:
             of each image pixel (centres of equal sub-blocks; must divide pool) instead of at
             all pool x pool work pixels; 0 means pool. The look is still the work scale's
             (`optics.coarser_grid`), so fewer points only coarsen the box average.
+        field_knots: (Gy, Gx) knots of a smooth background correction (`Background.field`,
+            prior Normal(0, `FIELD_SD`) per knot and channel) fitted along with the rest;
+            (0, 0), the default, leaves it out. Refinement sets it on wide fields.
     """
 
     crop: tuple[int, int] = (160, 160)
@@ -113,6 +120,7 @@ class WakeConfig:
     augmentation: str = "turns"
     pool: int = 1
     samples: int = 0
+    field_knots: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         _check(len(self.crop) == 2 and min(self.crop) >= 32, "crop", "need two sizes >= 32 px")
@@ -127,6 +135,8 @@ class WakeConfig:
         _check(isinstance(self.samples, int) and self.samples >= 0
                and (self.samples == 0 or self.pool % self.samples == 0),
                "samples", "must be 0 or an integer that divides pool")
+        _check(len(self.field_knots) == 2 and (tuple(self.field_knots) == (0, 0) or min(self.field_knots) >= 2),
+               "field_knots", "must be (0, 0) or two knot counts >= 2")
 
     @property
     def render_step(self) -> int:
@@ -314,13 +324,17 @@ def wake_model(
             "illumination",
             dist.Normal(0.0, max(scene.illumination_sd, 1e-3)).expand([b, c, N_ILLUMINATION]).to_event(2),
         )
+        field = None
+        if tuple(wake.field_knots) != (0, 0):
+            field = numpyro.sample(
+                "background_field", dist.Normal(0.0, FIELD_SD).expand([b, c, *wake.field_knots]).to_event(3))
         sigma = None
         if wake.blur_max > 0:
             sigma = numpyro.param("blur_sigma", jnp.float32(wake.blur_max / 2),
                                   constraint=dist.constraints.interval(0.0, wake.blur_max))
         droplets = Droplets(x, y, jnp.exp(log_radius), composition, jax.nn.sigmoid(presence_logit))
         mean = jax.vmap(lambda d, bg: model_mean(d, optics, bg, (h, w), render_config, wake, sigma))(
-            droplets, Background(colour, illumination))
+            droplets, Background(colour, illumination, field))
         mean = numpyro.deterministic("rendered", mean)
         inside = jnp.asarray(interior_mask(images.shape[1:3], wake.border))[None, :, :, None]
         numpyro.sample("image", dist.Normal(mean, noise).mask(inside).to_event(3), obs=images)

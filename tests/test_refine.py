@@ -12,7 +12,7 @@ from amortize.droplets import Background, Droplets
 from amortize.errors import BadArgument
 from amortize.plots import line_plot
 from amortize.predict import Predictor
-from amortize.refinement import RefineConfig, pick_device, refine, residual_blobs
+from amortize.refinement import RefineConfig, field_knots, pick_device, refine, residual_blobs, svi_wake
 from amortize.render import render
 
 SHAPE = (48, 48)
@@ -434,3 +434,42 @@ def test_overlaps_are_soft_at_scale_one_and_hard_on_enlarged_copies(predictor, m
 def test_refine_config_rejects_negative_softness():
     with pytest.raises(BadArgument, match="overlap_softness"):
         RefineConfig(overlap_softness=-1.0)
+
+
+@pytest.mark.parametrize("setting", [{"field_spacing": 0.0}, {"field_spacing": float("inf")}, {"field": "yes"}])
+def test_refine_config_rejects_a_bad_field(setting):
+    with pytest.raises(BadArgument, match=next(iter(setting))):
+        RefineConfig(**setting)
+
+
+@pytest.mark.parametrize("shape, spacing, knots", [((380, 507), 64, (7, 9)), ((48, 48), 64, (2, 2)),
+                                                   ((129, 65), 64, (3, 2))])
+def test_field_knots_are_at_most_the_spacing_apart(shape, spacing, knots):
+    assert field_knots(shape, spacing) == knots
+
+
+@pytest.mark.parametrize("field, work, knots", [("enlarged", (96, 80), (3, 3)), ("enlarged", (48, 40), (0, 0)),
+                                                ("always", (48, 40), (3, 3)), ("never", (96, 80), (0, 0))])
+def test_the_field_is_fitted_on_enlarged_copies_by_default(field, work, knots):
+    config = RefineConfig(field=field, field_spacing=32)
+    assert svi_wake(config, (48, 40), work).field_knots == knots
+
+
+def test_refinement_fits_a_smooth_background_the_quadratic_cannot_draw(predictor):
+    # A 4 x 4 knot field with a bump off-centre and a dip in a corner: no quadratic draws it.
+    truth = np.zeros((3, 4, 4), np.float32)
+    truth[:, 1, 2], truth[:, 3, 0] = 0.5, -0.4
+    d = Droplets.from_arrays(TRUTH["x"], TRUTH["y"], TRUTH["radius"], TRUTH["comp"])
+    bg = Background(jnp.asarray(COLOUR), jnp.zeros((3, 5)), jnp.asarray(truth))
+    clean = np.asarray(render(d, predictor.optics, bg, SHAPE, predictor.run.simulation.render))
+    image = np.clip(clean + 0.01 * np.random.default_rng(3).standard_normal(clean.shape), 0, 1).astype(np.float32)
+    fits = {}
+    for field in ("never", "always"):  # 16 px apart on 48 px: the truth's 4 x 4 knots
+        config = dataclasses.replace(CONFIG, field=field, field_spacing=16.0)
+        res = refine(image, predictor, config=config, device="cpu", start_table=table())
+        fits[field] = res.recon_rmse_after
+        if field == "always":
+            assert res.params["field_value"].shape == (1, 3, 4, 4)
+        else:
+            assert "field_value" not in res.params
+    assert fits["always"] < 0.015 < fits["never"], fits

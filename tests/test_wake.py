@@ -152,6 +152,14 @@ def test_wake_config_rejects_samples_that_do_not_divide_pool():
     assert WakeConfig(pool=4).render_step == 1
 
 
+@pytest.mark.parametrize("knots", [(1, 3), (2,), (0, 4)])
+def test_wake_config_rejects_bad_field_knots(knots):
+    from amortize.errors import BadArgument
+
+    with pytest.raises(BadArgument, match="field_knots"):
+        WakeConfig(field_knots=knots)
+
+
 def _rendered(wake, images, latents, optics, sim):
     from numpyro import handlers
 
