@@ -272,7 +272,7 @@ def test_exact_enlargement(shape, work, k):
     assert exact_enlargement(shape, work) == k
 
 
-def test_the_trust_floor_is_one_input_pixel():
+def test_the_trust_floor_is_in_input_pixels():
     from amortize.refinement import TRUST_PX, input_trust
 
     anchor = {"pos_width": jnp.asarray([[1.0, 2.5, 6.0]])}
