@@ -78,8 +78,9 @@ class Background:
         illumination: shape (..., C, 5), logit units.
         field: None, or shape (..., C, Gy, Gx): a smooth correction in logit units, its values
             at a Gy x Gx grid of knots spanning the image, interpolated bilinearly
-            (`field_at`). Refinement fits it on wide fields, whose illumination a quadratic
-            cannot follow; the scene model and the simulator leave it out.
+            (`field_at`). Refinement fits it on enlarged copies (wide fields of tiny droplets),
+            whose illumination one quadratic cannot follow; the scene model and the
+            simulator leave it out.
     """
 
     colour: jnp.ndarray

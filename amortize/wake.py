@@ -74,8 +74,8 @@ ABSENT_LOGIT = -30.0
 #: Keeps the background point estimate strictly inside its Uniform prior.
 BACKGROUND_EPS = 1e-3
 #: Prior sd of the smooth background correction's knots (`WakeConfig.field_knots`), logit
-#: units: about 2.5 % of a mid-grey pixel, the size of the slow variations the quadratic
-#: illumination left on a 507 x 380 frame.
+#: units: 0.025 in a mid-grey pixel's value, a few times the slow variations (19 px block
+#: means: RMS 0.006) that the quadratic illumination left on a 507 x 380 frame.
 FIELD_SD = 0.1
 
 
@@ -107,7 +107,8 @@ class WakeConfig:
             (`optics.coarser_grid`), so fewer points only coarsen the box average.
         field_knots: (Gy, Gx) knots of a smooth background correction (`Background.field`,
             prior Normal(0, `FIELD_SD`) per knot and channel) fitted along with the rest;
-            (0, 0), the default, leaves it out. Refinement sets it on wide fields.
+            (0, 0), the default, leaves it out. Refinement sets it on enlarged copies
+            (`RefineConfig.field`).
     """
 
     crop: tuple[int, int] = (160, 160)
