@@ -1,6 +1,7 @@
 """Shared test set-up: CPU only, one cold compilation cache per session, tiny shapes, and the
 shared data folder (skip if absent)."""
 
+import importlib.metadata
 import os
 import pathlib
 import tempfile
@@ -11,10 +12,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (the user's ~/.cache is neither read nor filled).
 _CACHE = tempfile.TemporaryDirectory(prefix="amortize-test-cache-")
 os.environ["AMORTIZE_CACHE_DIR"] = _CACHE.name
-# The tests compile hundreds of tiny programs and run each for milliseconds: LLVM's
-# optimisation passes cost more than they save (a CLI train-and-predict test: 86 s -> 70 s).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The tests compile hundreds of tiny programs and run each for milliseconds, so compile
+# time is most of the suite's time:
+# - LLVM's optimisation passes cost more than they save (a CLI train-and-predict test:
+#   86 s -> 70 s);
+# - so do XLA's MLIR fusion emitters (jaxlib 0.10; a few wake steps: 46 s -> 29 s).
+#   It is only set on the jaxlib series it was measured on: XLA aborts on a flag it does not
+#   know (see amortize/xla_flags.py).
+TEST_XLA_FLAGS = {"xla_backend_optimization_level": ("0", None),
+                  "xla_cpu_use_fusion_emitters": ("false", "0.10")}
+_JAXLIB = importlib.metadata.version("jaxlib")
+for _name, (_value, _series) in TEST_XLA_FLAGS.items():
+    if _series and not _JAXLIB.startswith(_series + "."):
+        continue
+    if _name not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_name}={_value}").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
