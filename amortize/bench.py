@@ -294,20 +294,67 @@ def _svi_curve(solver_fns, args, init_params, steps: int, chunk: int, key) -> tu
     return np.concatenate(losses)[:steps], np.concatenate(seconds)[:steps]
 
 
+class NotebookGuide:
+    """numpyro's `AutoNormal` with `init_to_uniform`, as the original notebooks used it,
+    written out: per latent site of the model, a Normal in unconstrained space (location
+    uniform in (-2, 2), scale 0.1 through softplus) mapped onto the site's support.
+
+    `AutoNormal` finds the model's sites by running it, and eagerly: op by op through the
+    renderer, its set-up compiled some four hundred small programs (`amortize bench refine
+    --quick`: half of its compiles). Here the sites come from an abstract trace
+    (`jax.make_jaxpr`, nothing compiled or run), so SVI's init is one jitted program.
+    """
+
+    def __init__(self, model, *args, **kwargs):
+        from numpyro import handlers
+
+        sites = {}
+
+        def probe(*a):
+            trace = handlers.trace(handlers.seed(model, 0)).get_trace(*a, **kwargs)
+            for name, site in trace.items():
+                if site["type"] == "sample" and not site["is_observed"]:
+                    sites[name] = (tuple(site["value"].shape), site["fn"].event_dim, site["fn"].support)
+            return 0
+
+        jax.make_jaxpr(probe)(*args)
+        self.sites = sites
+
+    def __call__(self, images, *, n_crops, **kwargs):
+        import numpyro
+        import numpyro.distributions as dist
+
+        with numpyro.plate("crops", n_crops, subsample_size=images.shape[0]):
+            for name, (shape, event_dim, support) in self.sites.items():
+                loc = numpyro.param(f"{name}_auto_loc",
+                                    lambda key, shape=shape: jax.random.uniform(key, shape, minval=-2.0, maxval=2.0),
+                                    event_dim=event_dim)
+                scale = numpyro.param(f"{name}_auto_scale", jnp.full(shape, 0.1),
+                                      constraint=dist.constraints.softplus_positive, event_dim=event_dim)
+                base = dist.Normal(loc, scale).to_event(event_dim)
+                numpyro.sample(name, dist.TransformedDistribution(base, dist.biject_to(support)))
+
+    def median(self, params: dict) -> dict:
+        """Each site's median: its location mapped onto the support."""
+        import numpyro.distributions as dist
+
+        return {name: dist.biject_to(support)(params[f"{name}_auto_loc"])
+                for name, (_, _, support) in self.sites.items()}
+
+
 def _notebook_svi(n_slots: int, scene, encoder, render_config, wake, background: Background,
-                  learning_rate: float):
+                  learning_rate: float, images: jnp.ndarray, optics: dict):
     """The original notebooks' per-image SVI: every slot always present (no presence
-    variable), an `AutoNormal` guide started at random (`init_to_uniform`), plain Adam.
+    variable), an `AutoNormal` guide started at random (`init_to_uniform`; `NotebookGuide`),
+    plain Adam.
 
     The same scene model and renderer as refinement, with presence fixed on, the background
     fixed at the encoder's estimate (the notebooks learned it too, so this favours them) and
-    the decoder frozen. Returns (guide, jitted init, jitted run of n steps).
+    the decoder frozen. Returns (SVI, guide, jitted init, jitted run of n steps).
     """
     import numpyro
     from numpyro import handlers
     from numpyro.infer import SVI
-    from numpyro.infer.autoguide import AutoNormal
-    from numpyro.infer.initialization import init_to_uniform
 
     from amortize.refinement import OrderedTraceELBO
     from amortize.wake import BACKGROUND_EPS, wake_model
@@ -318,9 +365,10 @@ def _notebook_svi(n_slots: int, scene, encoder, render_config, wake, background:
     fixed = {"presence_logit": on, "presence_q": on, "background_colour": colour[None],
              "illumination": background.illumination[None]}
     model = handlers.block(handlers.condition(wake_model, data=fixed), hide=["optics"])
-    guide = AutoNormal(model, init_loc_fn=init_to_uniform)
-    svi = SVI(model, guide, numpyro.optim.Adam(learning_rate), OrderedTraceELBO(), n_crops=1,
-              n_slots=n_slots, scene=scene, encoder=encoder, render_config=render_config, wake=wake)
+    statics = dict(n_crops=1, n_slots=n_slots, scene=scene, encoder=encoder, render_config=render_config,
+                   wake=wake)
+    guide = NotebookGuide(model, images, optics_init=optics, **statics)
+    svi = SVI(model, guide, numpyro.optim.Adam(learning_rate), OrderedTraceELBO(), **statics)
 
     def run(state, images, optics, n):
         def body(st, _):
@@ -329,11 +377,9 @@ def _notebook_svi(n_slots: int, scene, encoder, render_config, wake, background:
         return jax.lax.scan(body, state, None, length=n)
 
     def init(key, images, optics, init_params):
-        # Eager, not jitted: AutoNormal builds its prototype trace on the first call and
-        # keeps it, and one built under jit would hold leaked tracers.
         return svi.init(key, images, optics_init=optics, init_params=init_params)
 
-    return svi, guide, init, jax.jit(run, static_argnums=3)
+    return svi, guide, jax.jit(init), jax.jit(run, static_argnums=3)
 
 
 def _recon_curve(init_state, run_chunk, recon, image, steps: int, chunk: int):
@@ -362,7 +408,6 @@ def run_notebook_comparison(predictor, image, config, anchor, values, background
     number of droplets the encoder reports, which the notebooks could not know (a favour:
     every extra slot must be drawn somewhere)."""
     from amortize.refinement import _blurred, _render_params
-    from amortize.render import render_logits
     from amortize.wake import WakeConfig
 
     run = predictor.run
@@ -384,7 +429,7 @@ def run_notebook_comparison(predictor, image, config, anchor, values, background
                       border=0, blur_max=config.blur_max)
     nb_svi, guide, nb_init, nb_run = _notebook_svi(
         notebook_slots, run.simulation.scene, run.encoder, run.simulation.render, wake, background,
-        config.learning_rate)
+        config.learning_rate, images, optics)
     nb_state = nb_init(jax.random.PRNGKey(2), images, optics, init_params)
     nb_run(nb_state, images, optics, chunk)  # compile outside the timing
 
@@ -393,8 +438,7 @@ def run_notebook_comparison(predictor, image, config, anchor, values, background
         med = guide.median(params)
         droplets = Droplets(med["x"][0], med["y"][0], jnp.exp(med["log_radius"][0]),
                             med["composition"][0], jnp.ones(notebook_slots))
-        out = np.asarray(jax.nn.sigmoid(render_logits(droplets, optics, background, (h, w),
-                                                      run.simulation.render)))
+        out = np.asarray(render(droplets, optics, background, (h, w), run.simulation.render))
         return _blurred(out, params.get("blur_sigma"))
 
     notebook = _recon_curve(nb_state, lambda st: nb_run(st, images, optics, chunk), nb_recon,

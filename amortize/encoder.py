@@ -22,6 +22,7 @@ Coordinates: cell (i, j) of a grid of stride s is centred at pixel ((j + 0.5) * 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -256,8 +257,10 @@ def cell_centres(grid: tuple[int, int], stride: int) -> tuple[jnp.ndarray, jnp.n
     return xx, yy
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def init_encoder(key: jax.Array, config: EncoderConfig) -> dict:
-    """Random encoder variables for `config`."""
+    """Random encoder variables for `config` (jitted: op by op, flax's initialisation
+    compiled some eighty small programs)."""
     return Encoder(config).init(key, jnp.zeros((1, ALIGN, ALIGN, config.input_channels)))
 
 

@@ -92,8 +92,9 @@ def n_features(channels: int, n_types: int) -> int:
     return channels + 3 + n_types
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def init_optics(key: jax.Array, channels: int = 3, n_types: int = 3) -> dict:
-    """Random optics parameters (flax variables dict)."""
+    """Random optics parameters (flax variables dict; jitted, as `encoder.init_encoder`)."""
     module = OpticsMLP(channels=channels)
     return module.init(key, jnp.zeros((1, n_features(channels, n_types))))
 

@@ -136,9 +136,14 @@ def init_readout(config: ReadoutConfig, channels: int, n_types: int) -> dict:
     """An unfitted read-out (it returns the encoder's compositions) of the recipe's shape,
     `fitted` 0: the training state's placeholder until the encoder's steps are done."""
     f = n_features(channels, n_types)
-    mlp = ReadoutMLP(n_types=n_types, hidden=tuple(config.hidden)).init(
-        jax.random.PRNGKey(config.seed), jnp.zeros((1, f)))
+    mlp = _init_mlp(jax.random.PRNGKey(config.seed), n_types, tuple(config.hidden), f)
     return {"mlp": mlp, "mean": jnp.zeros(f), "std": jnp.ones(f), "fitted": jnp.zeros((), jnp.int32)}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_mlp(key, n_types: int, hidden: tuple[int, ...], n_in: int) -> dict:
+    """The read-out MLP's initial variables (jitted, as `encoder.init_encoder`)."""
+    return ReadoutMLP(n_types=n_types, hidden=hidden).init(key, jnp.zeros((1, n_in)))
 
 
 def _logit(p):

@@ -7,6 +7,8 @@ of the image the droplet list explains, without any labels.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,13 +61,20 @@ def render_table(table: dict[str, np.ndarray], background: Background, optics: d
 def reconstruct_cells(params: dict, encoder: EncoderConfig, optics: dict, image: np.ndarray,
                       config: RenderConfig, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """Encode one (H, W, C) image (H, W multiples of 32) and render what it found."""
-    shape = image.shape[:2]
-    out = encode(params, encoder, jnp.asarray(image)[None])
-    background = fit_background(out, shape)
-    cells = jax.device_get(cell_droplets(jax.tree_util.tree_map(lambda a: a[0], out), threshold))
-    table = to_droplet_table(cells, shape)
-    one = Background(background.colour[0], background.illumination[0])
-    return render_table(table, one, optics, shape, config, encoder.n_types)
+    cells, background = jax.device_get(_encode_cells(params, jnp.asarray(image), encoder=encoder,
+                                                     threshold=float(threshold)))
+    table = to_droplet_table(cells, image.shape[:2])
+    return render_table(table, background, optics, image.shape[:2], config, encoder.n_types)
+
+
+@functools.partial(jax.jit, static_argnames=("encoder", "threshold"))
+def _encode_cells(params, image, *, encoder, threshold):
+    """(cell estimates, background) of one image, as one program: op by op, the encoder and
+    the background fit compiled about a hundred small programs in a fresh process."""
+    out = encode(params, encoder, image[None])
+    background = fit_background(out, image.shape[:2])
+    cells = cell_droplets(jax.tree_util.tree_map(lambda a: a[0], out), threshold)
+    return cells, Background(background.colour[0], background.illumination[0])
 
 
 def rmse(image: np.ndarray, recon: np.ndarray) -> float:

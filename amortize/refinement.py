@@ -1000,10 +1000,17 @@ def _work_table(table: dict, scale: float, shape: tuple[int, int], reach: float)
 
 
 def _render_params(params, anchor, optics, shape, render_config, threshold) -> np.ndarray:
-    droplets = posterior_droplets(params, anchor, threshold)
-    bg = fitted_background(params)
-    recon = np.asarray(jax.nn.sigmoid(render_logits(droplets, optics, bg, shape, render_config)))
+    recon = np.asarray(_render_droplets(params, anchor, optics, shape=tuple(shape), render_config=render_config,
+                                        threshold=threshold))
     return _blurred(recon, params.get("blur_sigma"))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "render_config", "threshold"))
+def _render_droplets(params, anchor, optics, *, shape, render_config, threshold):
+    """The guide's posterior-mean droplets over its background, unblurred (one program; op by
+    op the renderer compiled some sixty)."""
+    droplets = posterior_droplets(params, anchor, threshold)
+    return jax.nn.sigmoid(render_logits(droplets, optics, fitted_background(params), shape, render_config))
 
 
 def _render_table_input(table, background, optics, blur, image, work_shape, scale, render_config,
