@@ -143,18 +143,27 @@ def cmd_predict(args) -> int:
     return 1 if errors or done == 0 else 0
 
 
-def cmd_refine(args) -> int:
-    from amortize.predict import Predictor
-    from amortize.refinement import RefineConfig, pick_device, refine_files
+def refine_config(args):
+    """The RefineConfig of `amortize refine`'s options (`--lr` sets the step size at every
+    scale)."""
+    from amortize.refinement import RefineConfig
 
     defaults = RefineConfig()
-    config = RefineConfig(
+    return RefineConfig(
         steps=defaults.steps if args.steps is None else args.steps,
         learning_rate=defaults.learning_rate if args.lr is None else args.lr,
+        enlarged_learning_rate=defaults.enlarged_learning_rate if args.lr is None else args.lr,
         rounds=defaults.rounds if args.rounds is None else args.rounds,
         freeze_optics=args.freeze_optics,
         fit_stop=args.fit_stop,
     )
+
+
+def cmd_refine(args) -> int:
+    from amortize.predict import Predictor
+    from amortize.refinement import pick_device, refine_files
+
+    config = refine_config(args)
     args.scale = scale_option(args.scale)
     device = pick_device(args.device)
     predictor = Predictor.load(args.checkpoint)
@@ -258,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: checkpoints/default)")
     rf.add_argument("--steps", type=int, help="most SVI steps (default 1000; stops early "
                     "when the loss, or on an enlarged copy the image fit, has converged)")
-    rf.add_argument("--lr", type=float, help="Adam learning rate (default 0.02)")
+    rf.add_argument("--lr", type=float, help="Adam learning rate at every scale (default 0.02, and 0.03 on enlarged copies)")
     rf.add_argument("--rounds", type=int, help="SVI rounds with residual-driven birth "
                     "proposals between them (default 1: none)")
     # refinement.FIT_STOPS, written out: the parser is built without importing JAX.

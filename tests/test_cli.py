@@ -219,6 +219,17 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     assert len(meta["fit_rmse_per_check"]) == 2
 
 
+def test_refine_lr_sets_the_step_size_at_every_scale():
+    from amortize.cli import build_parser, refine_config
+    from amortize.refinement import RefineConfig
+
+    config = refine_config(build_parser().parse_args(["refine", "x.png", "--out", "o", "--lr", "0.05"]))
+    assert config.learning_rate == config.enlarged_learning_rate == 0.05
+    defaults = refine_config(build_parser().parse_args(["refine", "x.png", "--out", "o"]))
+    assert defaults == RefineConfig(fit_stop=defaults.fit_stop)
+    assert (defaults.learning_rate, defaults.enlarged_learning_rate) == (0.02, 0.03)
+
+
 def test_refine_bad_device_and_steps_exit_2(tmp_path):
     res = run("refine", "x.png", "--out", str(tmp_path / "o"), "--device", "tpu")
     assert res.returncode == 2 and "--device" in res.stderr and "Traceback" not in res.stderr

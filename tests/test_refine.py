@@ -417,23 +417,30 @@ class _SolverBuilt(Exception):
     pass
 
 
-@pytest.mark.parametrize("scale, softness", [(None, 0.07), (0.5, 0.0)])
-def test_overlaps_are_soft_at_scale_one_and_hard_on_enlarged_copies(predictor, monkeypatch, scale, softness):
+@pytest.mark.parametrize("scale, softness, lr", [(None, 0.07, 0.011), (0.5, 0.0, 0.033)])
+def test_overlaps_are_soft_and_steps_short_at_scale_one_and_not_on_enlarged_copies(predictor, monkeypatch, scale,
+                                                                                  softness, lr):
     from amortize import refinement
 
-    def spy(n_slots, scene_config, encoder, render_config, *rest):
-        raise _SolverBuilt(render_config.overlap_softness)
+    def spy(n_slots, scene_config, encoder, render_config, wake, freeze_optics, learning_rate):
+        raise _SolverBuilt(render_config.overlap_softness, learning_rate)
 
     monkeypatch.setattr(refinement, "solver", spy)
+    config = RefineConfig(overlap_softness=0.07, learning_rate=0.011, enlarged_learning_rate=0.033)
     with pytest.raises(_SolverBuilt) as built:
-        refine(scene(predictor, noise=0.01), predictor, config=RefineConfig(overlap_softness=0.07),
-               scale=scale, start_table=table(), device="cpu")
-    assert built.value.args[0] == softness
+        refine(scene(predictor, noise=0.01), predictor, config=config, scale=scale, start_table=table(), device="cpu")
+    assert built.value.args == (softness, lr)
 
 
 def test_refine_config_rejects_negative_softness():
     with pytest.raises(BadArgument, match="overlap_softness"):
         RefineConfig(overlap_softness=-1.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.01, float("nan")])
+def test_refine_config_rejects_a_bad_enlarged_learning_rate(bad):
+    with pytest.raises(BadArgument, match="enlarged_learning_rate"):
+        RefineConfig(enlarged_learning_rate=bad)
 
 
 @pytest.mark.parametrize("setting", [{"field_spacing": 0.0}, {"field_spacing": float("inf")}, {"field": "yes"}])
