@@ -164,9 +164,14 @@ def _rendered(wake, images, latents, optics, sim):
     from numpyro import handlers
 
     kwargs = dict(n_crops=1, n_slots=latents["x"].shape[1], scene=sim.scene, encoder=ENCODER,
-                  render_config=sim.render, wake=wake, optics_init=optics)
-    model = handlers.substitute(handlers.seed(wake_model, 0), data=latents)
-    return np.asarray(handlers.trace(model).get_trace(images, **kwargs)["rendered"]["value"][0])
+                  render_config=sim.render, wake=wake)
+
+    @jax.jit  # one program: op by op, the model compiled some 250
+    def rendered(images, latents, optics):
+        model = handlers.substitute(handlers.seed(wake_model, 0), data=latents)
+        return handlers.trace(model).get_trace(images, optics_init=optics, **kwargs)["rendered"]["value"][0]
+
+    return np.asarray(rendered(images, latents, optics))
 
 
 def test_the_model_evaluates_its_rendering_at_the_sample_points(optics):
