@@ -311,7 +311,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from amortize.predict import enable_compilation_cache
+        from amortize.compile_cache import enable_compilation_cache
 
         enable_compilation_cache()
         return args.run(args)

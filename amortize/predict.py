@@ -60,24 +60,6 @@ READ_MEMORY = 4
 BATCH = 4
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:
-    """Turn on JAX's persistent compilation cache so that later runs skip the compile.
-
-    The cache lives in $AMORTIZE_CACHE_DIR, else ~/.cache/amortize/jax.
-    """
-    path = pathlib.Path(
-        path or os.environ.get("AMORTIZE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "amortize" / "jax"
-    )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return path  # a read-only home only costs the compile, never the run
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
-
-
 def _pad(z: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     h, w = z.shape[:2]
     return np.pad(z, ((0, shape[0] - h), (0, shape[1] - w), (0, 0)))

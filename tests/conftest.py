@@ -72,7 +72,7 @@ def _cpu_only():
 
 @pytest.fixture(autouse=True, scope="session")
 def _shared_compilation_cache():
-    from amortize.predict import enable_compilation_cache
+    from amortize.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()
     yield

@@ -337,3 +337,19 @@ def test_bench_refine_defaults_to_the_model_that_draws_simulated_scenes(monkeypa
         bench.run_refine_bench(quick=True)
     assert loaded == [SIMULATED_CHECKPOINT]
     assert SIMULATED_CHECKPOINT.is_dir()
+
+
+def test_help_does_not_import_the_library():
+    code = ("import sys; from amortize import cli; cli.build_parser(); "
+            "import amortize; amortize.__version__; print(sorted(m for m in ('jax', 'numpyro', 'flax') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_the_package_exports_its_public_names_on_first_use():
+    import amortize
+
+    for name in amortize.__all__:
+        assert getattr(amortize, name) is not None
+    with pytest.raises(AttributeError, match="no_such_name"):
+        amortize.no_such_name  # noqa: B018
