@@ -32,7 +32,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.signal
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -49,7 +48,7 @@ from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, input_px, to_work_
 from amortize.droplets import Background, Droplets
 from amortize.encoder import decode_outputs
 from amortize.errors import AmortizeError, BadArgument
-from amortize.nuisance import gaussian_blur
+from amortize.nuisance import fixed_gaussian_blur, gaussian_blur
 from amortize.predict import MIN_SIDE, Predictor, check_image, resize, resize_to
 from amortize.reconstruct import SLOT_BUCKET, render_table, rmse, slot_count
 from amortize.render import render_logits
@@ -600,8 +599,8 @@ def residual_blobs(residual: jnp.ndarray, n: int) -> tuple[jnp.ndarray, ...]:
     """
     energy = jnp.sum(residual**2, axis=-1)
     median = jnp.median(energy) + 1e-12
-    blurred = [_fixed_blur(energy, s) for s in BIRTH_SIGMAS]
-    wide = [_fixed_blur(energy, 2 * s) for s in BIRTH_SIGMAS]
+    blurred = [fixed_gaussian_blur(energy, s) for s in BIRTH_SIGMAS]
+    wide = [fixed_gaussian_blur(energy, 2 * s) for s in BIRTH_SIGMAS]
     response = jnp.stack([a - b for a, b in zip(blurred, wide)])  # (S, H, W)
     best = jnp.argmax(response, axis=0)
     strength = jnp.take_along_axis(jnp.stack(blurred), best[None], 0)[0] / median
@@ -612,19 +611,6 @@ def residual_blobs(residual: jnp.ndarray, n: int) -> tuple[jnp.ndarray, ...]:
     h, w = score.shape
     return (idx % w).astype(jnp.float32), (idx // w).astype(jnp.float32), \
         jnp.asarray(BIRTH_SIGMAS)[best.reshape(-1)[idx]], top
-
-
-def _fixed_blur(image: jnp.ndarray, sigma: float) -> jnp.ndarray:
-    """Gaussian blur of an (H, W) image by a fixed sigma, edges extended, as two 1-D
-    convolutions. `gaussian_blur` takes a traced sigma and sums one shifted slice per tap:
-    for these 14 blurs, up to 193 taps each, XLA took 10 s to compile `residual_blobs`."""
-    half = max(1, math.ceil(3 * sigma))
-    offsets = np.arange(-half, half + 1, dtype=np.float64)
-    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
-    weights = jnp.asarray(weights / weights.sum(), jnp.float32)
-    padded = jnp.pad(image, half, mode="edge")
-    rows = jax.scipy.signal.convolve(padded, weights[:, None], mode="valid")
-    return jax.scipy.signal.convolve(rows, weights[None, :], mode="valid")
 
 
 def propose_births(params: dict, anchor: dict, image: np.ndarray, recon: np.ndarray,

@@ -483,11 +483,10 @@ def test_refinement_fits_a_smooth_background_the_quadratic_cannot_draw(predictor
 
 
 def test_the_fixed_blur_is_the_traced_blur_at_that_sigma():
-    from amortize.nuisance import gaussian_blur
-    from amortize.refinement import _fixed_blur
+    from amortize.nuisance import fixed_gaussian_blur, gaussian_blur
 
     energy = jnp.asarray(np.random.default_rng(0).uniform(size=(6, 9)).astype(np.float32))
     blur = jax.jit(gaussian_blur, static_argnums=2)
     for sigma in (1.0, 4.0):  # 4: the kernel is wider than the image
         want = blur(energy[..., None], jnp.float32(sigma), sigma)[..., 0]
-        np.testing.assert_allclose(_fixed_blur(energy, sigma), want, atol=1e-6)
+        np.testing.assert_allclose(fixed_gaussian_blur(energy, sigma), want, atol=1e-6)
