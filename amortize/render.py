@@ -43,6 +43,11 @@ class GridLayout:
 
     Every level's grid has one cell of padding on each side, so that droplets centred just
     outside the image are still drawn. All levels live in one flat table of cell rows.
+
+    Its per-tile arrays are computed inside the program (from iotas), not stored in it as
+    constants: on the 507 x 380 stand-in at 2 x 2 points per pixel such constants made
+    SVI's program 11 MB larger (pixel coordinates and cell rows), and every process paid
+    for them again in lowering it and loading it from the compilation cache.
     """
 
     def __init__(self, shape: tuple[int, int], config: RenderConfig):
@@ -56,27 +61,36 @@ class GridLayout:
         sizes = [ny * nx for ny, nx in self.cells]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
         self.n_rows = int(sum(sizes))
-        self.tile_rows = self._tile_rows(config.levels)
+        self.levels = config.levels
 
-    def tile_origins(self) -> tuple[np.ndarray, np.ndarray]:
-        """(y0, x0) pixel of each tile's top-left corner, each (n_tiles,), in tile order."""
-        nty, ntx = self.tiles
-        ty, tx = np.divmod(np.arange(nty * ntx), ntx)
-        return ty * self.tile, tx * self.tile
+    @property
+    def n_tiles(self) -> int:
+        return self.tiles[0] * self.tiles[1]
 
-    def _tile_rows(self, levels: int) -> np.ndarray:
+    def tile_indices(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """(ty, tx) of each tile, each (n_tiles, 1) int32, in tile order."""
+        i = jax.lax.broadcasted_iota(jnp.int32, (self.n_tiles, 1), 0)
+        return i // self.tiles[1], i % self.tiles[1]
+
+    def pixel_coordinates(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """(y, x) of every pixel of every tile, each (n_tiles, tile**2) float32, in tile
+        order (pixels past the image's edge included)."""
+        t = self.tile
+        ty, tx = self.tile_indices()
+        o = jax.lax.broadcasted_iota(jnp.int32, (1, t * t), 1)
+        return ((ty * t + o // t).astype(jnp.float32), (tx * t + o % t).astype(jnp.float32))
+
+    def tile_rows(self) -> jnp.ndarray:
         """(n_tiles, levels * 9) rows of the cell table that each tile reads."""
-        nty, ntx = self.tiles
-        ty, tx = np.meshgrid(np.arange(nty), np.arange(ntx), indexing="ij")
-        ty, tx = ty.reshape(-1, 1), tx.reshape(-1, 1)
-        off = np.array([-1, 0, 1])
-        dy, dx = [a.reshape(1, -1) for a in np.meshgrid(off, off, indexing="ij")]
+        ty, tx = self.tile_indices()
+        k = jax.lax.broadcasted_iota(jnp.int32, (1, 9), 1)
+        dy, dx = k // 3 - 1, k % 3 - 1
         rows = []
-        for level in range(levels):
+        for level in range(self.levels):
             _, nx = self.cells[level]
             cy, cx = (ty >> level) + 1 + dy, (tx >> level) + 1 + dx
-            rows.append(self.offsets[level] + cy * nx + cx)
-        return np.concatenate(rows, axis=1).astype(np.int32)
+            rows.append(int(self.offsets[level]) + cy * nx + cx)
+        return jnp.concatenate(rows, axis=1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,10 +150,10 @@ def tile_candidates(
 ) -> jnp.ndarray:
     """(n_tiles, tile_candidates) droplet indices that may touch each tile, -1 for none."""
     t = config.tile
-    cand = table[layout.tile_rows].reshape(layout.tile_rows.shape[0], -1)
+    cand = table[layout.tile_rows()].reshape(layout.n_tiles, -1)
     safe = jnp.maximum(cand, 0)
     x, y, r = (jax.lax.stop_gradient(a)[safe] for a in (droplets.x, droplets.y, droplets.radius))
-    y0, x0 = (o[:, None] for o in layout.tile_origins())
+    y0, x0 = ((o * t).astype(jnp.float32) for o in layout.tile_indices())
     # Distance from the droplet centre to the nearest pixel centre of the tile.
     gap_x = jnp.maximum(jnp.maximum(x0 - x, x - (x0 + t - 1)), 0.0)
     gap_y = jnp.maximum(jnp.maximum(y0 - y, y - (y0 + t - 1)), 0.0)
@@ -171,15 +185,11 @@ def _candidate_distances(
     """Each tile's candidates (n_tiles, K) and every pixel's squared normalised distance to
     them, (n_tiles, tile**2, K), inf for an empty candidate slot."""
     layout = grid_layout(tuple(shape), config)
-    t = config.tile
     table = bin_droplets(droplets, layout, config)
     cand = tile_candidates(droplets, table, layout, config)
     safe = jnp.maximum(cand, 0)
     x, y, r = (jax.lax.stop_gradient(a)[safe] for a in (droplets.x, droplets.y, droplets.radius))
-    y0, x0 = layout.tile_origins()
-    oy, ox = np.divmod(np.arange(t * t), t)
-    px = (x0[:, None] + ox[None, :]).astype(np.float32)  # (n_tiles, t * t)
-    py = (y0[:, None] + oy[None, :]).astype(np.float32)
+    py, px = layout.pixel_coordinates()  # (n_tiles, t * t)
     d2 = ((px[..., None] - x[:, None, :]) ** 2 + (py[..., None] - y[:, None, :]) ** 2) / (
         r[:, None, :] ** 2
     )
@@ -223,8 +233,10 @@ def render_logits(
     background: Background,
     shape: tuple[int, int],
     config: RenderConfig = RenderConfig(),
+    pixel_chunk: int = PIXEL_CHUNK,
 ) -> jnp.ndarray:
-    """Pixel logits (H, W, C); `render` is their sigmoid."""
+    """Pixel logits (H, W, C); `render` is their sigmoid. The per-pixel stage runs in chunks
+    of `pixel_chunk` pixels (the values do not depend on it)."""
     soft = config.overlap_softness > 0
     if soft:
         winner, layout = nearest_two(droplets, shape, config)
@@ -232,7 +244,7 @@ def render_logits(
         winner, layout = nearest_droplet(droplets, shape, config)
     h, w = shape
     n_pix = h * w
-    chunk = min(PIXEL_CHUNK, n_pix)
+    chunk = min(pixel_chunk, n_pix)
     n_chunks = -(-n_pix // chunk)
     pad = n_chunks * chunk - n_pix
 
@@ -241,11 +253,9 @@ def render_logits(
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
         return a.reshape((n_chunks, chunk) + a.shape[1:])
 
-    py, px = np.indices((h, w), dtype=np.float32)
     pixels = {
         "winner": chunked(_from_tiles(winner, layout, config.tile)),
-        "x": chunked(jnp.asarray(px)),
-        "y": chunked(jnp.asarray(py)),
+        "start": chunk * jax.lax.iota(jnp.int32, n_chunks),  # the chunk's first pixel
         "bg_logit": chunked(background_logits(background, shape)),
     }
 
@@ -263,6 +273,10 @@ def render_logits(
         return d, weight[:, None] * apply_optics(optics_params, feats)
 
     def shade(p):
+        # Pixel coordinates from the flat index (not stored; see `GridLayout`). Padding
+        # pixels lie past the last row and are cut off below.
+        flat = p["start"] + jax.lax.iota(jnp.int32, chunk)
+        p = dict(p, x=(flat % w).astype(jnp.float32), y=(flat // w).astype(jnp.float32))
         if not soft:
             return p["bg_logit"] + droplet_term(p["winner"], p)[1]
         d1, term1 = droplet_term(p["winner"][:, 0], p)
@@ -271,7 +285,12 @@ def render_logits(
         near = jnp.where(p["winner"][:, 1] >= 0, near, 1.0)[:, None]
         return p["bg_logit"] + near * term1 + (1 - near) * term2
 
-    logits = jax.lax.map(shade, pixels)
+    # With several chunks, each chunk's forward pass is rerun in the backward pass instead
+    # of stored. Stored, the MLP's activations filled buffers of up to 100 MB per layer on
+    # the 507 x 380 stand-in (48 chunks x 16384 points x 32), and zero-filling and writing
+    # them took longer than rerunning the MLP: SVI's step there 0.58 s -> 0.47 s (median of
+    # 6, same process, on a slow hour of the VM).
+    logits = jax.lax.map(jax.checkpoint(shade) if n_chunks > 1 else shade, pixels)
     return logits.reshape(n_chunks * chunk, -1)[:n_pix].reshape(h, w, -1)
 
 

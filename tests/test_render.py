@@ -9,7 +9,7 @@ from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets
 from amortize.errors import BadArgument
 from amortize.optics import apply_optics, optics_features
-from amortize.render import fade, nearest_droplet, overflow, render
+from amortize.render import fade, nearest_droplet, overflow, render, render_logits
 
 BG = [0.6, 0.65, 0.55]
 
@@ -127,6 +127,29 @@ def test_gradients_finite_and_nonzero(optics, tiny_render):
         assert np.all(np.isfinite(leaf))
     assert max(float(jnp.abs(leaf).max()) for leaf in jax.tree_util.tree_leaves(gp)) > 0
     assert float(jnp.abs(gb.illumination).max()) > 0
+
+
+@pytest.mark.parametrize("softness", [0.0, 0.1])
+def test_chunking_changes_neither_values_nor_gradients(optics, tiny_render, softness):
+    # Several chunks take the rematerialised path (each chunk's forward pass rerun in the
+    # backward pass); one chunk does not. 24 x 24 px in chunks of 100: six, the last padded.
+    rng = np.random.default_rng(2)
+    n, shape = 12, (24, 24)
+    d = Droplets.from_arrays(rng.uniform(0, 24, n), rng.uniform(0, 24, n), rng.uniform(2, 5, n),
+                             rng.uniform(0.2, 0.8, (n, 3)), presence=np.full(n, 0.9, np.float32))
+    bg = Background(jnp.asarray(BG), jnp.full((3, 5), 0.1))
+    config = dataclasses.replace(tiny_render, overlap_softness=softness)
+    target = jnp.asarray(rng.uniform(0.3, 0.7, shape + (3,)), jnp.float32)
+
+    def value_and_grads(chunk):
+        def loss(d, p, b):
+            return jnp.mean((jax.nn.sigmoid(render_logits(d, p, b, shape, config, pixel_chunk=chunk)) - target) ** 2)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(d, optics, bg)
+
+    whole, chunked = value_and_grads(24 * 24), value_and_grads(100)
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(chunked)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(whole[1][0].x).max()) > 0
 
 
 def _largest_intermediate(jaxpr) -> int:
