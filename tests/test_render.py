@@ -9,7 +9,8 @@ from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets
 from amortize.errors import BadArgument
 from amortize.optics import apply_optics, optics_features
-from amortize.render import fade, nearest_droplet, overflow, render, render_logits
+from amortize.render import (bin_droplets, fade, grid_layout, nearest_droplet, nearest_two, overflow, render,
+                             render_logits, tile_candidates)
 
 BG = [0.6, 0.65, 0.55]
 
@@ -80,6 +81,31 @@ def test_matches_brute_force_reference(optics, tiny_render):
     slow = np.asarray(reference_render(d, optics, bg, shape, tiny_render))
     np.testing.assert_allclose(fast, slow, atol=1e-5)
     assert int(overflow(d, shape, tiny_render)) == 0
+
+
+def test_nearest_two_are_the_two_smallest_distances_among_the_candidates(tiny_render):
+    # Dense, overlapping droplets with some exact duplicates (ties go to the earlier
+    # candidate, as a stable sort orders them) and some absent slots.
+    rng = np.random.default_rng(4)
+    n, shape = 40, (21, 27)
+    x, y, r = rng.uniform(-3, 30, n), rng.uniform(-3, 24, n), rng.uniform(1.5, 5, n)
+    x[5:8], y[5:8], r[5:8] = x[0], y[0], r[0]
+    d = Droplets.from_arrays(x, y, r, rng.uniform(0, 1, (n, 3)),
+                             presence=(rng.uniform(size=n) < 0.85).astype(np.float32))
+    two, layout = nearest_two(d, shape, tiny_render)
+    one, _ = nearest_droplet(d, shape, tiny_render)
+    cand = np.asarray(tile_candidates(d, bin_droplets(d, layout, tiny_render), layout, tiny_render))
+    py, px = (np.asarray(a) for a in layout.pixel_coordinates())
+    cx, cy, cr = (np.asarray(a)[np.maximum(cand, 0)] for a in (d.x, d.y, d.radius))
+    d2 = ((px[..., None] - cx[:, None]) ** 2 + (py[..., None] - cy[:, None]) ** 2) / cr[:, None] ** 2
+    d2 = np.where(cand[:, None] >= 0, d2, np.inf)
+    order = np.argsort(d2, axis=-1, kind="stable")[..., :2]
+    want = np.where(np.take_along_axis(d2, order, -1) < np.inf,
+                    np.take_along_axis(np.broadcast_to(cand[:, None], d2.shape), order, -1), -1)
+    assert (want[..., 1] >= 0).any() and (want[..., 0] < 0).any()  # both kinds of pixel occur
+    np.testing.assert_array_equal(np.asarray(two), want)
+    np.testing.assert_array_equal(np.asarray(one), want[..., 0])
+    assert grid_layout(shape, tiny_render) is layout
 
 
 def test_absent_droplet_is_not_drawn(optics, tiny_render):
