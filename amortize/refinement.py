@@ -686,31 +686,56 @@ def svi_render(render_config: RenderConfig, config: RefineConfig, scale: float) 
     return dataclasses.replace(render_config, overlap_softness=config.overlap_softness if scale >= 1 else 0.0)
 
 
+def loss_capacity(n: int) -> int:
+    """Length of the loss buffer of a run of n steps: a power of two, at least 32, so that
+    the usual runs (chunks of 25, fit checks every 5 or 10 steps, a remainder) share one."""
+    return max(32, 1 << (max(n, 1) - 1).bit_length())
+
+
+class StepRunner:
+    """`runner(state, args, n)`: n SVI steps as one compiled program whose step count is an
+    argument, not part of the program, so that runs of different lengths (a round's
+    remainder, the averaged chunk, fit checks every few steps) do not each compile one (7 to
+    10 s apiece on the tests' tiny scenes, more on real ones). Returns (state, the n losses,
+    the guide's parameters averaged over the n steps)."""
+
+    def __init__(self, svi: SVI):
+        self.svi = svi
+        self.compiled = jax.jit(self._run, static_argnames="capacity")
+
+    def _run(self, state, args, n, *, capacity):
+        svi = self.svi
+
+        def body(i, carry):
+            s, total, losses = carry
+            s, loss = svi.stable_update(s, *args)
+            total = jax.tree_util.tree_map(jnp.add, total, svi.get_params(s))
+            return s, total, losses.at[i].set(loss)
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, svi.get_params(state))
+        losses = jnp.full(capacity, jnp.nan, jnp.float32)
+        state, total, losses = jax.lax.fori_loop(0, n, body, (state, zeros, losses))
+        return state, losses, jax.tree_util.tree_map(lambda t: t / n, total)
+
+    def __call__(self, state, args, n: int):
+        state, losses, averaged = self.compiled(state, args, np.int32(n), capacity=loss_capacity(n))
+        return state, np.asarray(losses)[:n], averaged
+
+
 @functools.lru_cache(maxsize=8)
 def solver(n_slots: int, scene, encoder, render_config, wake: WakeConfig, freeze_optics: bool,
             learning_rate: float):
-    """(SVI, its jitted init, a jitted run of n steps) for one static set-up, cached: later
-    images of the same shape and slot count reuse the compiled functions."""
+    """(SVI, its jitted init, a `StepRunner`) for one static set-up, cached: later images of
+    the same shape and slot count reuse the compiled functions. The learning rate lives in
+    the optimiser's state (`refine_optimizer`), so set-ups that differ only in it share one
+    compiled step through the compilation cache."""
     # Hidden from SVI, the optics param keeps its initial value: the decoder passed in.
     model = handlers.block(refine_model, hide=["optics"]) if freeze_optics else refine_model
     svi = SVI(model, refine_guide, refine_optimizer(learning_rate), OrderedTraceELBO(), n_crops=1,
               n_slots=n_slots, scene=scene, encoder=encoder, render_config=render_config, wake=wake)
-
-    def run(state, args, n):
-        """n steps: (state, losses, the guide's parameters averaged over the n steps)."""
-        def body(carry, _):
-            s, total = carry
-            s, loss = svi.stable_update(s, *args)
-            total = jax.tree_util.tree_map(jnp.add, total, svi.get_params(s))
-            return (s, total), loss
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, svi.get_params(state))
-        (state, total), losses = jax.lax.scan(body, (state, zeros), None, length=n)
-        return state, losses, jax.tree_util.tree_map(lambda t: t / n, total)
-
     # `SVI.init` traces the model and guide; eagerly, op by op through the renderer, that took
     # longer than the SVI steps themselves (16 s on a 380 x 338 image).
-    return svi, jax.jit(svi.init), jax.jit(run, static_argnums=2)
+    return svi, jax.jit(svi.init), StepRunner(svi)
 
 
 def reported_fit(params: dict, anchor: dict, images: jnp.ndarray, optics: dict, *,
@@ -919,7 +944,9 @@ def refine_optimizer(lr: float):
         names = labels(params)
         return {k: jax.tree_util.tree_map(lambda _: names[k], v) for k, v in params.items()}
 
-    tx = optax.multi_transform({name: optax.adam(rate) for name, rate in rates.items()}, label_tree)
+    # Rates as optimiser state (`inject_hyperparams`), not constants of the compiled step.
+    tx = optax.multi_transform({name: optax.inject_hyperparams(optax.adam)(learning_rate=rate)
+                                for name, rate in rates.items()}, label_tree)
     return numpyro.optim.optax_to_numpyro(tx)
 
 

@@ -326,9 +326,26 @@ def test_the_svi_step_compiles_once_per_image(predictor, monkeypatch):
     committed = jax.device_put(predictor.optics, jax.devices("cpu")[0])
     monkeypatch.setattr(Predictor, "optics", property(lambda self: committed))
     # A learning rate no other test uses: a fresh solver (they are cached), so a fresh step.
-    config = dataclasses.replace(CONFIG, steps=3, chunk=1, tol=0.0, learning_rate=0.0123)
-    refine(scene(predictor, noise=0.01, seed=5), predictor, config=config, device="cpu")
-    assert seen[0]._cache_size() == 1
+    # Chunks of 2 and a remainder of 1: the step count is an argument of the one program.
+    config = dataclasses.replace(CONFIG, steps=3, chunk=2, tol=0.0, learning_rate=0.0123)
+    res = refine(scene(predictor, noise=0.01, seed=5), predictor, config=config, device="cpu")
+    assert res.steps == 3 and np.all(np.isfinite(res.losses))
+    assert seen[0].compiled._cache_size() == 1
+
+
+def test_the_learning_rate_is_optimiser_state_not_a_constant_of_the_step():
+    from amortize.refinement import refine_optimizer
+
+    params = {"x_shift": jnp.zeros(3), "q_logit": jnp.zeros(3)}
+    slow, fast = (refine_optimizer(lr).init_fn(params) for lr in (0.01, 0.02))
+    assert jax.tree_util.tree_structure(slow) == jax.tree_util.tree_structure(fast)
+
+    def rest_rate(state):
+        (rate,) = [v for path, v in jax.tree_util.tree_flatten_with_path(state)[0]
+                   if "'rest'" in jax.tree_util.keystr(path) and "learning_rate" in jax.tree_util.keystr(path)]
+        return float(rate)
+
+    assert (rest_rate(slow), rest_rate(fast)) == pytest.approx((0.01, 0.02))
 
 
 def _fake_round(fits_seen, losses_per_chunk, fit_values, config):
