@@ -697,7 +697,7 @@ class StepRunner:
     argument, not part of the program, so that runs of different lengths (a round's
     remainder, the averaged chunk, fit checks every few steps) do not each compile one (7 to
     10 s apiece on the tests' tiny scenes, more on real ones). Returns (state, the n losses,
-    the guide's parameters averaged over the n steps)."""
+    the guide's parameters averaged over the n steps); the losses as a NumPy array."""
 
     def __init__(self, svi: SVI):
         self.svi = svi
@@ -976,7 +976,6 @@ def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=No
 
     def advance(state, n):
         state, unit_losses, chunk_params = run_chunk(state, args, n)
-        unit_losses = np.asarray(unit_losses)
         losses.append(unit_losses)
         bar.update(n)
         return state, unit_losses, chunk_params
