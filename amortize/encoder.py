@@ -31,6 +31,7 @@ import numpy as np
 from flax import struct
 
 from amortize.config import _check
+from amortize.layers import LayerNorm
 
 #: Output grid strides (px per cell) the U-Net can end at.
 STRIDES = (2, 4)
@@ -125,7 +126,7 @@ class CellOutputs:
 
 def _block(x: jnp.ndarray, width: int, strides: int = 1, name: str | None = None) -> jnp.ndarray:
     x = nn.Conv(width, (3, 3), strides=(strides, strides), padding="SAME", name=name)(x)
-    return nn.relu(nn.LayerNorm()(x))
+    return nn.relu(LayerNorm()(x))
 
 
 class Encoder(nn.Module):

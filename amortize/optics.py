@@ -27,50 +27,14 @@ import numpy as np
 import optax
 from flax import serialization
 
+from amortize.layers import LayerNorm
+
 #: Hidden layer widths of the original notebooks' optics MLP.
 HIDDEN = (32, 16, 8)
 #: Where the shipped, pre-fitted optics weights live (K = 3 types, C = 3 channels).
 DEFAULT_OPTICS_FILE = pathlib.Path(__file__).parent / "assets" / "default_optics.msgpack"
 DEFAULT_FIT_SEED = 0
 DEFAULT_FIT_STEPS = 6000
-
-
-#: flax's LayerNorm epsilon, which the optics' parameters were trained with.
-LAYER_NORM_EPS = 1e-6
-
-
-@jax.custom_vjp
-def _normalise(h: jnp.ndarray) -> jnp.ndarray:
-    """(h - mean) / sqrt(var + eps) over the last axis: layer norm before its scale and bias."""
-    return _normalise_forward(h)[0]
-
-
-def _normalise_forward(h):
-    centred = h - h.mean(-1, keepdims=True)
-    inv_sd = jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + LAYER_NORM_EPS)
-    out = centred * inv_sd
-    return out, (out, inv_sd)
-
-
-def _normalise_backward(saved, g):
-    out, inv_sd = saved
-    return (inv_sd * (g - g.mean(-1, keepdims=True) - out * (g * out).mean(-1, keepdims=True)),)
-
-
-_normalise.defvjp(_normalise_forward, _normalise_backward)
-
-
-class LayerNorm(nn.Module):
-    """flax's `nn.LayerNorm` (the same parameters, names and epsilon) with the closed-form
-    derivative. The optics MLP's backward pass is most of the renderer's, and the derivative
-    XLA takes of the written-out statistics is slower: on the slide's 2x sample grid (514k
-    pixels, 2 816 slots) the renderer's gradient took 0.34 s with flax's and 0.20 s with this."""
-
-    @nn.compact
-    def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
-        scale = self.param("scale", nn.initializers.ones, (h.shape[-1],))
-        bias = self.param("bias", nn.initializers.zeros, (h.shape[-1],))
-        return _normalise(h) * scale + bias
 
 
 class OpticsMLP(nn.Module):
