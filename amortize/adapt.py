@@ -205,18 +205,20 @@ def wake_kwargs(run: AdaptRun, scene: SceneConfig, n_crops: int, optics_init: di
 
 
 def wake_optimizer(cfg: AdaptConfig):
-    """Adam on {"encoder", "decoder"} with their own step sizes, after a global clip."""
+    """Adam on {"encoder", "decoder"} with their own step sizes, after a global clip; each
+    part's Adam on one flat vector, as in `amortize.train.make_optimizer`."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.multi_transform(
-            {"encoder": optax.adam(cfg.encoder_learning_rate), "decoder": optax.adam(cfg.decoder_learning_rate)},
+            {"encoder": optax.flatten(optax.adam(cfg.encoder_learning_rate)),
+             "decoder": optax.flatten(optax.adam(cfg.decoder_learning_rate))},
             {"encoder": "encoder", "decoder": "decoder"},
         ),
     )
 
 
 def sleep_optimizer(cfg: AdaptConfig):
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.sleep_learning_rate))
+    return optax.flatten(optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.sleep_learning_rate)))
 
 
 def make_wake_step(run: AdaptRun, kwargs: dict):

@@ -944,10 +944,23 @@ def refine_optimizer(lr: float):
         names = labels(params)
         return {k: jax.tree_util.tree_map(lambda _: names[k], v) for k, v in params.items()}
 
-    # Rates as optimiser state (`inject_hyperparams`), not constants of the compiled step.
-    tx = optax.multi_transform({name: optax.inject_hyperparams(optax.adam)(learning_rate=rate)
+    # Rates as optimiser state (`inject_hyperparams`), not constants of the compiled step;
+    # each group's arrays as one flat vector (`optax.flatten`, as in training).
+    tx = optax.multi_transform({name: _flat(optax.inject_hyperparams(optax.adam)(learning_rate=rate))
                                 for name, rate in rates.items()}, label_tree)
     return numpyro.optim.optax_to_numpyro(tx)
+
+
+def _flat(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` on its parameters raveled into one vector (`optax.flatten`), or as it is when a
+    group has none (frozen optics), which `optax.flatten` cannot ravel."""
+    flat = optax.flatten(inner)
+
+    def pick(tree):
+        return flat if jax.tree_util.tree_leaves(tree) else inner
+
+    return optax.GradientTransformation(lambda params: pick(params).init(params),
+                                        lambda updates, state, params=None: pick(updates).update(updates, state, params))
 
 
 def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=None):

@@ -192,10 +192,14 @@ def make_optimizer(cfg: TrainConfig):
         0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
         end_value=cfg.learning_rate * 0.02,
     )
-    tx = optax.chain(
+    # On one flat vector (`optax.flatten`): the same arithmetic, but Adam's dozen operations
+    # per array are written once instead of once for each of the encoder's 60-odd arrays, so
+    # every program that updates the encoder is smaller to trace and compile (the tiny
+    # training step: 4395 -> 2799 operations).
+    tx = optax.flatten(optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(schedule, weight_decay=cfg.weight_decay),
-    )
+    ))
     return tx, schedule
 
 

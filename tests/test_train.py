@@ -3,6 +3,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -119,3 +120,24 @@ def test_non_finite_stops_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "make_train_step", poisoned)
     with pytest.raises(NonFinite, match="non-finite loss at step 1"):
         train(RunConfig.tiny(), tmp_path, writer=NullWriter(), progress=False)
+
+
+def test_the_flat_optimiser_is_the_same_arithmetic():
+    # make_optimizer runs Adam on one flat vector (a smaller program); its updates must be
+    # those of the same optimiser on the encoder's tree of arrays.
+    import optax
+
+    from amortize.train import make_optimizer
+
+    run = RunConfig.tiny()
+    params = init_state(run)["params"]
+    flat, schedule = make_optimizer(run.train)
+    tree = optax.chain(optax.clip_by_global_norm(run.train.grad_clip),
+                       optax.adamw(schedule, weight_decay=run.train.weight_decay))
+    grads = jax.tree_util.tree_map(lambda a: jnp.cos(a) + 0.5, params)
+    s_flat, s_tree = flat.init(params), tree.init(params)
+    for _ in range(3):
+        u_flat, s_flat = flat.update(grads, s_flat, params)
+        u_tree, s_tree = tree.update(grads, s_tree, params)
+        for a, b in zip(jax.tree_util.tree_leaves(u_flat), jax.tree_util.tree_leaves(u_tree)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
