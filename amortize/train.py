@@ -18,6 +18,7 @@ A run lives in a workdir:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -296,16 +297,24 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def make_preview(run: RunConfig, optics_params: dict, key: jax.Array):
-    """A function params -> (overlay of a fixed simulated scene, true radii, predicted radii)."""
-    image, droplets, _, _ = jax.jit(simulate_scene, static_argnums=(1, 2))(
-        key, run.train.crop, run.simulation, optics_params
-    )
-    truth = to_table(droplets, run.train.crop)
-    encode_one = jax.jit(lambda p: cell_droplets(
+    """A function params -> (overlay of a fixed simulated scene, true radii, predicted radii).
+
+    The scene is simulated at the first preview, not before: a finished run started again,
+    or one resumed after its last preview, never compiles the simulator for it."""
+
+    @functools.cache
+    def scene():
+        image, droplets, _, _ = jax.jit(simulate_scene, static_argnums=(1, 2))(
+            key, run.train.crop, run.simulation, optics_params
+        )
+        return image, to_table(droplets, run.train.crop)
+
+    encode_one = jax.jit(lambda p, image: cell_droplets(
         jax.tree_util.tree_map(lambda a: a[0], encode(p, run.encoder, image[None])), DEFAULT_THRESHOLD))
 
     def preview(params):
-        table = to_droplet_table(jax.device_get(encode_one(params)), run.train.crop)
+        image, truth = scene()
+        table = to_droplet_table(jax.device_get(encode_one(params, image)), run.train.crop)
         return draw_overlay(np.asarray(image), table), truth["radius"], table["radius"]
 
     return preview

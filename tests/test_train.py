@@ -87,6 +87,18 @@ def test_train_resume_and_logs(tmp_path):
     assert step == 4 and config == saved
 
 
+def test_a_finished_run_started_again_neither_steps_nor_simulates(tmp_path, monkeypatch):
+    run = RunConfig.tiny()
+    train(run, tmp_path, writer=NullWriter(), progress=False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished run simulated a scene")
+
+    monkeypatch.setattr(train_mod, "simulate_scene", never)
+    monkeypatch.setattr(train_mod, "simulate_batch", never)
+    assert train(run, tmp_path, writer=NullWriter(), progress=False)["step"] == run.train.steps
+
+
 def test_resume_is_reproducible(tmp_path):
     run = RunConfig.tiny()
     train(run, tmp_path / "a", writer=NullWriter(), progress=False)
