@@ -24,6 +24,7 @@ device placement differs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -833,7 +834,7 @@ def refine(
         start_table = choice.table if choice else predictor.predict(image, DEFAULT_THRESHOLD, scale)
     else:
         check_start_table(start_table, predictor.n_types)
-    with jax.default_device(dev):
+    with _placed_on(dev):
         anchor, values, background = slots_from_encoder(predictor, work, config.min_presence, config.spare)
         if not from_encoder:
             anchor, values = slots_from_table(_work_table(start_table, scale, (h, w), _reach(enc)),
@@ -912,6 +913,17 @@ def refine(
         wall_s=time.perf_counter() - t0, device=f"{dev.platform}:{dev.id}", scale=scale,
         scale_search=dict(choice.tried) if choice else {}, params=params, anchor=jax.device_get(anchor),
     )
+
+
+def _placed_on(dev: jax.Device):
+    """A context that places new arrays on `dev`, or none when `dev` is where they go anyway.
+    Under `jax.default_device` every jitted function traces again (the default device is
+    part of its trace's key), so the programs the scale search had just traced at the same
+    sizes, the background fit and the final reconstruction at the work scale, were traced
+    and lowered a second time: about 1.5 s of the stand-in frame's run."""
+    if jax.config.jax_default_device is None and dev == jax.devices()[0]:
+        return contextlib.nullcontext()
+    return jax.default_device(dev)
 
 
 def _on_device(tree, dev: jax.Device):

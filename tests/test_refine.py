@@ -507,3 +507,16 @@ def test_the_fixed_blur_is_the_traced_blur_at_that_sigma():
     for sigma in (1.0, 4.0):  # 4: the kernel is wider than the image
         want = blur(energy[..., None], jnp.float32(sigma), sigma)[..., 0]
         np.testing.assert_allclose(fixed_gaussian_blur(energy, sigma), want, atol=1e-6)
+
+
+def test_refinement_on_the_default_device_keeps_the_programs_traced_before():
+    # Under jax.default_device every jitted function traces again; on the device arrays go to
+    # anyway, refinement needs no such context (the scale search's programs are reused).
+    import contextlib
+
+    from amortize.refinement import _placed_on
+
+    cpu = jax.devices("cpu")[0]
+    assert isinstance(_placed_on(cpu), contextlib.nullcontext)
+    with jax.default_device(cpu):  # a default set by the caller is honoured
+        assert not isinstance(_placed_on(cpu), contextlib.nullcontext)
