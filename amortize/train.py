@@ -299,8 +299,8 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def make_preview(run: RunConfig, optics_params: dict, key: jax.Array):
     """A function params -> (overlay of a fixed simulated scene, true radii, predicted radii).
 
-    The scene is simulated at the first preview, not before: a finished run started again,
-    or one resumed after its last preview, never compiles the simulator for it."""
+    The scene is simulated at the first preview, not before: a finished run started again
+    never compiles the simulator for it."""
 
     @functools.cache
     def scene():
