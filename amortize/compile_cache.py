@@ -10,12 +10,20 @@ import os
 import pathlib
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:
-    """Turn on JAX's persistent compilation cache so that later runs skip the compile.
+#: Set to 0 to keep the compilation cache but not the program store.
+STORE_ENV = "AMORTIZE_PROGRAM_STORE"
 
-    The cache lives in $AMORTIZE_CACHE_DIR, else ~/.cache/amortize/jax.
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Turn on JAX's persistent compilation cache so that later runs skip the compile, and
+    the program store (`amortize.program_store`) so that they skip tracing and lowering.
+
+    The cache lives in $AMORTIZE_CACHE_DIR, else ~/.cache/amortize/jax; the store in its
+    `programs/` folder, unless $AMORTIZE_PROGRAM_STORE is 0.
     """
     import jax
+
+    from amortize.program_store import set_store
 
     path = pathlib.Path(
         path or os.environ.get("AMORTIZE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "amortize" / "jax"
@@ -27,4 +35,5 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.P
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    set_store(None if os.environ.get(STORE_ENV, "") == "0" else path / "programs")
     return path

@@ -35,6 +35,7 @@ from amortize.encoder import ALIGN, Encoder, decode_outputs, input_features, sta
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.optics import default_optics_params
 from amortize.overlay import draw_overlay
+from amortize.program_store import stored_jit
 from amortize.readout import read_out
 from amortize.reconstruct import render_table, rmse
 from amortize.wake import fit_background
@@ -108,20 +109,23 @@ class Predictor:
         self.readout = params.pop("readout", None)
         self.params = params
         self._readings: dict = {}
-        encoder = Encoder(self.run.encoder)
-        self._encode = jax.jit(lambda p, z: encoder.apply(p, z))
+        # Kept in the program store (`amortize.program_store`) under the encoder's config,
+        # which is all these closures capture.
+        setup = self.run.encoder
+        encoder = Encoder(setup)
+        self._encode = stored_jit(lambda p, z: encoder.apply(p, z), key=setup)
         # Whole-frame statistics, so that tiles share them and the encoder's compiled
         # program depends only on the padded shape; jitted, as NumPy is 5x slower here.
-        self._standardise = jax.jit(lambda image: standardise(input_features(image, self.run.encoder)))
+        self._standardise = stored_jit(lambda image: standardise(input_features(image, setup)), key=setup)
         k, stride = self.run.encoder.n_types, self.run.encoder.stride
-        self._detect = jax.jit(
-            lambda raw, stats, threshold: cell_droplets(decode_outputs(raw, stats, k, stride), threshold)
+        self._detect = stored_jit(
+            lambda raw, stats, threshold: cell_droplets(decode_outputs(raw, stats, k, stride), threshold), key=setup
         )
         # Jitted as one program: op by op, a fresh process traced and loaded some forty
         # small programs per image size (0.5-0.9 s per size on the slide at 4x).
-        self._background = jax.jit(
+        self._background = stored_jit(
             lambda raw, stats, shape: fit_background(decode_outputs(raw[None], stats[None], k, stride), shape),
-            static_argnums=2,
+            key=setup, static_argnums=2,
         )
 
     @classmethod

@@ -28,6 +28,7 @@ import optax
 
 from amortize.config import _check
 from amortize.detect import to_work_table
+from amortize.program_store import stored_jit
 
 #: Rings sampled around each droplet, as fractions of its predicted radius. The last
 #: `BACKGROUND_RINGS` lie outside it (the local background).
@@ -83,7 +84,7 @@ def n_features(channels: int, n_types: int) -> int:
     return inner * channels + channels + 1 + n_types
 
 
-@jax.jit
+@stored_jit
 def _features(image, x, y, radius, comp):
     h, w, c = image.shape
     log_odds = _logit(image)
@@ -167,7 +168,7 @@ def corrected(params: dict, features: jnp.ndarray) -> jnp.ndarray:
     return jax.nn.sigmoid(_logit(features[:, -k:]) + module.apply(params["mlp"], z))
 
 
-_corrected = jax.jit(corrected)
+_corrected = stored_jit(corrected)
 
 
 def read_out(params: dict, image: np.ndarray, table: dict[str, np.ndarray], scale: float = 1.0) -> dict:

@@ -51,6 +51,7 @@ from amortize.encoder import decode_outputs
 from amortize.errors import AmortizeError, BadArgument
 from amortize.nuisance import fixed_gaussian_blur, gaussian_blur
 from amortize.predict import MIN_SIDE, Predictor, check_image, resize, resize_to
+from amortize.program_store import stored_jit
 from amortize.reconstruct import SLOT_BUCKET, render_table, rmse, slot_count
 from amortize.render import render_logits
 from amortize.wake import (
@@ -392,7 +393,7 @@ def slots_from_encoder(predictor: Predictor, work: np.ndarray, min_presence: flo
 # The two steps of `slots_from_encoder` that work on the cell grid, each jitted as one
 # program: op by op, a fresh process traced and loaded about a hundred small programs
 # (1.6 s on the slide at 4x).
-@functools.partial(jax.jit, static_argnames=("n_types", "stride"))
+@stored_jit(static_argnames=("n_types", "stride"))
 def _slot_census(raw, stats, min_presence, *, n_types, stride):
     """(cells predict reports (1, Hc, Wc), how many cells become slots)."""
     out = decode_outputs(raw[None], stats[None], n_types, stride)
@@ -403,7 +404,7 @@ def _slot_census(raw, stats, min_presence, *, n_types, stride):
     return reported, jnp.sum((peak & (p >= min_presence)) | reported)
 
 
-@functools.partial(jax.jit, static_argnames=("n_types", "stride", "shape", "n_slots"))
+@stored_jit(static_argnames=("n_types", "stride", "shape", "n_slots"))
 def _candidates(raw, stats, reported, *, n_types, stride, shape, n_slots):
     return candidate_slots(decode_outputs(raw[None], stats[None], n_types, stride), n_slots, shape,
                            include=reported)
@@ -698,11 +699,14 @@ class StepRunner:
     argument, not part of the program, so that runs of different lengths (a round's
     remainder, the averaged chunk, fit checks every few steps) do not each compile one (7 to
     10 s apiece on the tests' tiny scenes, more on real ones). Returns (state, the n losses,
-    the guide's parameters averaged over the n steps); the losses as a NumPy array."""
+    the guide's parameters averaged over the n steps); the losses as a NumPy array.
 
-    def __init__(self, svi: SVI):
+    `setup` names everything `svi` was built from (`solver`'s arguments): the compiled run
+    is kept in the program store under it (`amortize.program_store`)."""
+
+    def __init__(self, svi: SVI, setup):
         self.svi = svi
-        self.compiled = jax.jit(self._run, static_argnames="capacity")
+        self.compiled = stored_jit(self._run, key=setup, static_argnames="capacity")
 
     def _run(self, state, args, n, *, capacity):
         svi = self.svi
@@ -736,7 +740,8 @@ def solver(n_slots: int, scene, encoder, render_config, wake: WakeConfig, freeze
               n_slots=n_slots, scene=scene, encoder=encoder, render_config=render_config, wake=wake)
     # `SVI.init` traces the model and guide; eagerly, op by op through the renderer, that took
     # longer than the SVI steps themselves (16 s on a 380 x 338 image).
-    return svi, jax.jit(svi.init), StepRunner(svi)
+    setup = (n_slots, scene, encoder, render_config, wake, freeze_optics, learning_rate)
+    return svi, jax.jit(svi.init), StepRunner(svi, setup)
 
 
 def reported_fit(params: dict, anchor: dict, images: jnp.ndarray, optics: dict, *,
@@ -752,7 +757,7 @@ def reported_fit(params: dict, anchor: dict, images: jnp.ndarray, optics: dict, 
     return jnp.sqrt(jnp.mean((mean - images[0]) ** 2))
 
 
-_reported_fit = jax.jit(reported_fit, static_argnames=("render_config", "wake", "threshold"))
+_reported_fit = stored_jit(reported_fit, static_argnames=("render_config", "wake", "threshold"))
 
 
 def sample_points(pool: int, samples: int) -> int:
@@ -1070,7 +1075,7 @@ def _render_params(params, anchor, optics, shape, render_config, threshold) -> n
     return _blurred(recon, params.get("blur_sigma"))
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "render_config", "threshold"))
+@stored_jit(static_argnames=("shape", "render_config", "threshold"))
 def _render_droplets(params, anchor, optics, *, shape, render_config, threshold):
     """The guide's posterior-mean droplets over its background, unblurred (one program; op by
     op the renderer compiled some sixty)."""

@@ -29,6 +29,7 @@ import numpy as np
 from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets, background_logits
 from amortize.optics import apply_optics, optics_features
+from amortize.program_store import stored_jit
 
 
 #: Slots with a lower presence are not drawn at all. Drawn slots take part in the nearest-
@@ -301,7 +302,7 @@ def render_logits(
     return logits.reshape(n_chunks * chunk, -1)[:n_pix].reshape(h, w, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "config"))
+@stored_jit(static_argnames=("shape", "config"))
 def render(
     droplets: Droplets,
     optics_params: dict,

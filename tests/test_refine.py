@@ -330,7 +330,7 @@ def test_the_svi_step_compiles_once_per_image(predictor, monkeypatch):
     config = dataclasses.replace(CONFIG, steps=3, chunk=2, tol=0.0, learning_rate=0.0123)
     res = refine(scene(predictor, noise=0.01, seed=5), predictor, config=config, device="cpu")
     assert res.steps == 3 and np.all(np.isfinite(res.losses))
-    assert seen[0].compiled._cache_size() == 1
+    assert seen[0].compiled.program_count() == 1
 
 
 def test_the_learning_rate_is_optimiser_state_not_a_constant_of_the_step():

@@ -1,0 +1,114 @@
+"""The program store: programs traced once are loaded, not traced, by a later process."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amortize import program_store
+from amortize.program_store import StoredProgram, set_store, stored_jit
+
+TRACES = []
+
+
+def scaled_sum(x, y, factor, offset=0.0):
+    TRACES.append(factor)  # runs only when traced
+    return {"sum": (x + y["b"]) * factor + offset, "n": x.shape[0]}
+
+
+@pytest.fixture
+def store(tmp_path):
+    before = program_store.store()
+    set_store(tmp_path / "programs")
+    TRACES.clear()
+    yield tmp_path / "programs"
+    set_store(before)
+
+
+def args():
+    return jnp.arange(3.0), {"b": np.ones(3, np.float32)}
+
+
+def test_a_later_process_loads_the_program_instead_of_tracing_it(store):
+    first = stored_jit(scaled_sum, static_argnames="factor")
+    want = jax.jit(scaled_sum, static_argnames="factor")(*args(), factor=2.0)
+    got = first(*args(), factor=2.0)
+    np.testing.assert_array_equal(got["sum"], want["sum"])
+    assert got["n"] == 3 and len(list(store.glob("*.program"))) == 1
+    TRACES.clear()
+    # A fresh object stands for a fresh process: nothing in memory, the file on disk.
+    again = stored_jit(scaled_sum, static_argnames="factor")(*args(), factor=2.0)
+    assert TRACES == []
+    np.testing.assert_array_equal(again["sum"], want["sum"])
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(want)
+
+
+def test_static_arguments_by_position_or_name_and_their_values_name_programs(store):
+    program = stored_jit(scaled_sum, static_argnames="factor")
+    x, y = args()
+    np.testing.assert_array_equal(program(x, y, 3.0)["sum"], (x + 1) * 3)
+    np.testing.assert_array_equal(program(x, y, factor=3.0)["sum"], (x + 1) * 3)
+    np.testing.assert_array_equal(program(x, y, factor=4.0, offset=1.0)["sum"], (x + 1) * 4 + 1)
+    # Static by position and by name (two programs, as with jax.jit), and per value.
+    assert sorted(TRACES) == [3.0, 3.0, 4.0] and program.program_count() == 3
+    with pytest.raises(ValueError, match="hash"):  # as jax.jit: a static array is an error
+        program(x, y, factor=jnp.ones(2))
+
+
+def test_weak_and_strong_arguments_share_a_program(store):
+    program = stored_jit(scaled_sum, static_argnames="factor")
+    x, y = args()
+    program(x, y, factor=2.0, offset=jnp.float32(1.0))
+    program(x, y, factor=2.0, offset=1.0)  # a Python float: weakly typed
+    program(x, y, factor=2.0, offset=jnp.asarray(1.0))
+    assert TRACES == [2.0] and program.program_count() == 1
+
+
+def test_the_key_names_what_a_closure_captures(store):
+    def make(power):
+        return stored_jit(lambda x: x**power, key=("power", power))
+
+    np.testing.assert_array_equal(make(2)(jnp.arange(3.0)), [0, 1, 4])
+    np.testing.assert_array_equal(make(3)(jnp.arange(3.0)), [0, 1, 8])
+    assert len(list(store.glob("*.program"))) == 2
+
+
+def test_a_damaged_file_is_traced_again_and_replaced(store):
+    stored_jit(scaled_sum, static_argnames="factor")(*args(), factor=2.0)
+    (path,) = store.glob("*.program")
+    path.write_bytes(b"not a program")
+    TRACES.clear()
+    got = stored_jit(scaled_sum, static_argnames="factor")(*args(), factor=2.0)
+    np.testing.assert_array_equal(got["sum"], (np.arange(3.0) + 1) * 2)
+    assert TRACES == [2.0] and path.read_bytes() != b"not a program"
+
+
+def test_what_cannot_be_named_across_processes_is_only_jitted(store):
+    class Opaque:  # its repr shows an address
+        def __init__(self, v):
+            self.v = v
+
+        def __hash__(self):
+            return 0
+
+        def __eq__(self, other):
+            return self.v == other.v
+
+    program = StoredProgram(lambda x, o: x * o.v, static_argnums=1)
+    np.testing.assert_array_equal(program(jnp.arange(3.0), Opaque(2.0)), [0, 2, 4])
+    assert not store.exists() or not list(store.glob("*.program"))
+
+
+def test_inside_another_trace_and_with_the_store_off_it_is_jax_jit(store):
+    program = stored_jit(scaled_sum, static_argnames="factor")
+    inner = jax.jit(lambda x, y: program(x, y, factor=2.0)["sum"])
+    np.testing.assert_array_equal(inner(*args()), (np.arange(3.0) + 1) * 2)
+    assert not store.exists()
+    set_store(None)
+    np.testing.assert_array_equal(program(*args(), factor=5.0)["sum"], (np.arange(3.0) + 1) * 5)
+    assert not store.exists()
+
+
+def test_the_code_fingerprint_is_stable_text():
+    assert program_store.code_fingerprint() == program_store.code_fingerprint()
+    assert len(program_store.code_fingerprint()) == 64
