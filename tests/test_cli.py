@@ -1,6 +1,8 @@
 """Subprocess smoke tests of the console script."""
 
 import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -206,6 +208,10 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     assert meta["steps"] == 10 and meta["device"].startswith("cpu") and meta["config"]["fit_stop"] == "always"
     assert {"recon_rmse_before", "recon_rmse_after", "wall_s", "converged"} <= set(meta)
     assert io.read_image(out / "good.recon.png").shape == (40, 48, 3)
+    # The programs the run traced are in the program store (the session's cache)...
+    store = pathlib.Path(os.environ["AMORTIZE_CACHE_DIR"]) / "programs"
+    stored = {p.name: p.stat().st_mtime_ns for p in store.glob("*.program")}
+    assert stored
     # Existing outputs are kept unless --force.
     before = (out / "good.csv").read_bytes()
     res = run("refine", str(good), *args, "--quiet")
@@ -217,6 +223,8 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     assert (out / "good.csv").read_bytes() == before  # overwritten, and the run is deterministic
     meta = json.loads((out / "good.json").read_text())
     assert len(meta["fit_rmse_per_check"]) == 2
+    # ... and the same run in a new process loaded them: it traced and stored nothing new.
+    assert {p.name: p.stat().st_mtime_ns for p in store.glob("*.program")} == stored
 
 
 def test_refine_lr_sets_the_step_size_at_every_scale():
