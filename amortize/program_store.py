@@ -144,13 +144,13 @@ class StoredProgram:
     def __call__(self, *args, **kwargs):
         if _store is None:
             return self.plain(*args, **kwargs)
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs))):
-            return self.plain(*args, **kwargs)  # called inside another trace
         statics = tuple((i, a) for i, a in enumerate(args) if i in self.static_positions) + tuple(
             (k, kwargs[k]) for k in sorted(kwargs) if k in self.static_names)
         dynamic_args = [a for i, a in enumerate(args) if i not in self.static_positions]
         dynamic_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_names}
         leaves, tree = jax.tree_util.tree_flatten((dynamic_args, dynamic_kwargs))
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+            return self.plain(*args, **kwargs)  # called inside another trace
         leaves = [_strong(leaf) for leaf in leaves]
         statics_text = repr(statics)
         if " at 0x" in statics_text or " at 0x" in self.key or not _on_cpu(leaves):
@@ -176,9 +176,7 @@ class StoredProgram:
         try:
             blob, out_tree = pickle.loads(path.read_bytes())
             return jax.jit(jax.export.deserialize(bytearray(blob)).call), out_tree
-        except FileNotFoundError:
-            pass  # not stored yet: trace it
-        except Exception:  # noqa: BLE001 - a truncated or foreign file: trace it, and replace it
+        except Exception:  # noqa: BLE001 - not stored yet, or a damaged file: trace it (and replace it)
             pass
         out_trees = []
         static_args = dict(statics)
