@@ -20,8 +20,10 @@ A repr that shows an object's address (" at 0x") cannot name a program across pr
 so such a call is jitted as usual and nothing is stored. So is every call off the CPU: the
 store has only been measured there.
 
-The store is on while the compilation cache is (`enable_compilation_cache` turns both on) and
-lives in its `programs/` folder; a file that cannot be read or written only costs a trace.
+The store is on while the compilation cache is (`enable_compilation_cache` turns both on,
+`AMORTIZE_PROGRAM_STORE=0` keeps it off) and lives in its `programs/` folder; a file that
+cannot be read or written only costs a trace. The fingerprint reads the source files, so a
+script that patches amortize's functions at run time must keep the store off.
 """
 
 from __future__ import annotations
