@@ -118,17 +118,17 @@ class StoredProgram:
 
     def __init__(self, fn: Callable, *, key: Any = None, static_argnums=(), static_argnames=()):
         self.fn = fn
-        self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
-        self.static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+        static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+        static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
         # As in `jax.jit`, a static argument is static whether passed by position or by name.
-        self.static_positions, self.static_names = set(self.static_argnums), set(self.static_argnames)
+        self.static_positions, self.static_names = set(static_argnums), set(static_argnames)
         try:
             names = [p.name for p in inspect.signature(fn).parameters.values()
                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         except (TypeError, ValueError):
             names = []
         self.static_positions |= {i for i, name in enumerate(names) if name in self.static_names}
-        self.static_names |= {names[i] for i in self.static_argnums if i < len(names)}
+        self.static_names |= {names[i] for i in static_argnums if i < len(names)}
         self.plain = jax.jit(fn, static_argnums=tuple(sorted(self.static_positions)),
                              static_argnames=tuple(sorted(self.static_names)))
         # The line tells apart lambdas of one function (their qualnames are the same).
@@ -136,6 +136,7 @@ class StoredProgram:
         self.name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}:" \
                     f"{code.co_firstlineno if code else '?'}"
         self.key = repr(key)
+        self.nameable = " at 0x" not in self.key  # an address names nothing in another process
         self.programs: dict = {}  # (statics, tree, avals) -> (jitted exported call, output tree)
 
     def program_count(self) -> int:
@@ -155,7 +156,7 @@ class StoredProgram:
             return self.plain(*args, **kwargs)  # called inside another trace
         leaves = [_strong(leaf) for leaf in leaves]
         statics_text = repr(statics)
-        if " at 0x" in statics_text or " at 0x" in self.key or not _on_cpu(leaves):
+        if not self.nameable or " at 0x" in statics_text or not _on_cpu(leaves):
             return self.plain(*args, **kwargs)
         avals = tuple(_aval(leaf) for leaf in leaves)
         memo = (statics_text, tree, avals)
