@@ -14,6 +14,7 @@ import logging
 import pathlib
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from amortize.errors import BadArgument, BadInput
@@ -43,12 +44,29 @@ def save(mgr, step: int, item: str, tree: Any, config: dict, wait: bool = False)
 
 
 def restore(mgr, step: int, item: str, target: Any | None = None) -> tuple[Any, dict]:
-    """(tree, config) saved at `step`. With `target`, arrays take its structure and dtypes."""
-    restore_arg = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+    """(tree, config) saved at `step`. With `target`, arrays take its structure and dtypes;
+    without, the saved shapes and dtypes, placed on this process's default device."""
+    if target is None:
+        target = _saved_on_default_device(pathlib.Path(mgr.directory) / str(step) / item)
     out = mgr.restore(
-        step, args=ocp.args.Composite(**{item: restore_arg, "config": ocp.args.JsonRestore()})
+        step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target),
+                                         "config": ocp.args.JsonRestore()})
     )
     return out[item], out["config"]
+
+
+def _saved_on_default_device(item_dir: pathlib.Path) -> Any:
+    """The abstract tree of a saved item, every array on this process's default device.
+
+    Orbax records each array's device ("cpu:0") and, given no target, restores onto that
+    device, failing with "Topology mismatch" when it is not here: a model saved on a CPU
+    would not load on a GPU machine (seen on an H200), nor one saved there on a CPU.
+    """
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(item_dir).item_metadata.tree
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here), saved)
 
 
 def find_checkpoints(path: str | pathlib.Path) -> pathlib.Path:

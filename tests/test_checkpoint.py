@@ -14,6 +14,26 @@ def test_round_trip(tmp_path):
     assert step == 5
 
 
+def test_a_model_saved_on_another_device_loads_on_this_one(tmp_path):
+    """Orbax records each array's device; a model saved on a GPU machine (or the shipped one,
+    saved on a CPU, read on a GPU machine) must load onto whatever device is here."""
+    import jax
+    import jax.numpy as jnp
+
+    # jax arrays, as training saves: orbax records their device (numpy arrays have none).
+    params = {"params": {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)}, "step": jnp.int32(3)}
+    save_model(tmp_path / "m", params, {"a": 1}, step=5)
+    sharding = tmp_path / "m" / "5" / "params" / "_sharding"
+    here = jax.devices()[0]
+    elsewhere = "cuda:0" if here.platform == "cpu" else "cpu:0"
+    sharding.write_text(sharding.read_text().replace(f"{here.platform}:0", elsewhere))
+    assert elsewhere in sharding.read_text()
+    loaded, _, _ = load_model(tmp_path / "m")
+    np.testing.assert_array_equal(loaded["params"]["w"], params["params"]["w"])
+    assert loaded["step"].dtype == np.int32 and int(loaded["step"]) == 3
+    assert loaded["params"]["w"].devices() == {here}
+
+
 def test_missing(tmp_path):
     with pytest.raises(BadInput, match="not found"):
         load_model(tmp_path / "nope")
