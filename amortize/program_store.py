@@ -16,9 +16,10 @@ A stored program is found again by a key that must name everything the program d
 - the function's name, and `key`: the configuration its closure captures (say, an SVI
   set-up's scene, render and likelihood settings), as text;
 - the static arguments (as text) and the dynamic arguments' tree, shapes and dtypes.
+- the platform the call runs on (the CPU, or the default backend: a GPU).
 A repr that shows an object's address (" at 0x") cannot name a program across processes,
-so such a call is jitted as usual and nothing is stored. So is every call off the CPU: the
-store has only been measured there.
+so such a call is jitted as usual and nothing is stored. So is a call on a GPU that is not
+the default backend, or across several platforms.
 
 The store is on while the compilation cache is (`enable_compilation_cache` turns both on,
 `AMORTIZE_PROGRAM_STORE=0` keeps it off) and lives in its `programs/` folder; a file that
@@ -96,16 +97,27 @@ def _aval(leaf) -> tuple:
     return np.shape(leaf), str(jax.dtypes.canonicalize_dtype(leaf.dtype))
 
 
-def _on_cpu(leaves) -> bool:
-    """Whether a call with these arguments runs on the CPU: its committed arrays are there,
-    or it has none and the default device is."""
+def _export_platform(leaves) -> str | None:
+    """The platform to export a call with these arguments for: that of the device its
+    committed arrays are on, or of the default device; None when that is not one platform,
+    or is a GPU that is not the default backend (its export name is not known here)."""
+    platforms = None
     for leaf in leaves:
         if isinstance(leaf, jax.Array) and leaf.committed:
-            return all(d.platform == "cpu" for d in leaf.sharding.device_set)
-    default = jax.config.jax_default_device
-    if default is None:
-        return jax.default_backend() == "cpu"
-    return (default if isinstance(default, str) else default.platform) == "cpu"
+            platforms = {d.platform for d in leaf.sharding.device_set}
+            break
+    if platforms is None:
+        default = jax.config.jax_default_device
+        platforms = {jax.default_backend() if default is None
+                     else default if isinstance(default, str) else default.platform}
+    if len(platforms) != 1:
+        return None
+    (platform,) = platforms
+    if platform == "cpu":
+        return "cpu"
+    # `Device.platform` says "gpu" where `jax.export` wants "cuda" or "rocm"; exporting for
+    # the default backend (platforms=None) names it correctly.
+    return platform if platform == jax.default_backend() else None
 
 
 class StoredProgram:
@@ -156,26 +168,27 @@ class StoredProgram:
             return self.plain(*args, **kwargs)  # called inside another trace
         leaves = [_strong(leaf) for leaf in leaves]
         statics_text = repr(statics)
-        if not self.nameable or " at 0x" in statics_text or not _on_cpu(leaves):
+        platform = _export_platform(leaves)
+        if not self.nameable or " at 0x" in statics_text or platform is None:
             return self.plain(*args, **kwargs)
         avals = tuple(_aval(leaf) for leaf in leaves)
-        memo = (statics_text, tree, avals)
+        memo = (platform, statics_text, tree, avals)
         program = self.programs.get(memo)
         if program is None:
-            program = self._load_or_export(statics, statics_text, tree, avals, len(args))
+            program = self._load_or_export(platform, statics, statics_text, tree, avals, len(args))
             self.programs[memo] = program
         if program is False:  # could not be exported: jitted as usual
             return self.plain(*args, **kwargs)
         run, out_tree = program
         return jax.tree_util.tree_unflatten(out_tree, run(*leaves))
 
-    def _path(self, statics_text: str, tree, avals) -> pathlib.Path:
-        text = "\n".join([code_fingerprint(), _tracing_settings(), self.name, self.key, statics_text, str(tree),
-                          repr(avals)])
+    def _path(self, platform: str, statics_text: str, tree, avals) -> pathlib.Path:
+        text = "\n".join([code_fingerprint(), _tracing_settings(), platform, self.name, self.key, statics_text,
+                          str(tree), repr(avals)])
         return _store / f"{hashlib.sha256(text.encode()).hexdigest()}.program"
 
-    def _load_or_export(self, statics, statics_text, tree, avals, n_args):
-        path = self._path(statics_text, tree, avals)
+    def _load_or_export(self, platform, statics, statics_text, tree, avals, n_args):
+        path = self._path(platform, statics_text, tree, avals)
         try:
             blob, out_tree = pickle.loads(path.read_bytes())
             return jax.jit(jax.export.deserialize(bytearray(blob)).call), out_tree
@@ -195,7 +208,7 @@ class StoredProgram:
             return out_leaves
 
         try:
-            exported = jax.export.export(jax.jit(flat), platforms=["cpu"])(
+            exported = jax.export.export(jax.jit(flat), platforms=["cpu"] if platform == "cpu" else None)(
                 *[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals])
             blob = bytes(exported.serialize())
         except Exception:  # noqa: BLE001 - e.g. a custom call JAX will not export: jit as usual

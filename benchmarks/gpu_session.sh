@@ -7,6 +7,8 @@
 # (cold compilation cache, then warm), `amortize bench predict`, `bench train`, `bench refine`.
 # Stage b: the held-out simulated scenes of the refinement issue (simulate, predict, refine,
 # evaluate both).
+# Stage c: the program store on the GPU: whole `amortize predict` and `amortize refine`
+# processes, three of each (the first with an empty cache), with the store on and then off.
 #
 # That machine has no network, so it runs on its own JAX (the CUDA build) and, installed from
 # wheels carried in `.whl/` (`pip download` them here), the versions of flax, optax,
@@ -85,5 +87,18 @@ print(f"{len(rows)} images; wall_s median {statistics.median(walls):.2f} min {mi
       f"max {max(walls):.2f} sum {sum(walls):.1f}; lower on "
       f"{sum(t['recon_rmse_after'] < t['recon_rmse_before'] for t in table)}")
 EOF
+    ;;
+c)
+    for store in 1 0; do
+        export AMORTIZE_PROGRAM_STORE=$store AMORTIZE_CACHE_DIR=/tmp/amortize-cache-store$store
+        for run in 1 2 3; do
+            timed 120 "predict_store${store}_$run" amortize predict examples/simulated_512x384.png \
+                --out /tmp/ex --force --quiet
+            timed 180 "refine_store${store}_$run" amortize refine .gpu/proxy_full.png --out /tmp/standin \
+                --device gpu --quiet --force
+            python3 -c "import json; d = json.load(open('/tmp/standin/proxy_full.json')); \
+print('refine JSON wall_s', d['wall_s'], 'steps', d['steps'], 'recon_rmse_after', d['recon_rmse_after'])"
+        done
+    done
     ;;
 esac

@@ -112,3 +112,14 @@ def test_inside_another_trace_and_with_the_store_off_it_is_jax_jit(store):
 def test_the_code_fingerprint_is_stable_text():
     assert program_store.code_fingerprint() == program_store.code_fingerprint()
     assert len(program_store.code_fingerprint()) == 64
+
+
+def test_programs_are_exported_for_the_platform_the_call_runs_on():
+    """The platform is part of a program's name: the committed arguments' device decides it,
+    else the default device (on a GPU machine, `refine --device cpu` stores CPU programs
+    beside the GPU's)."""
+    cpu = jax.devices("cpu")[0]
+    assert program_store._export_platform([np.ones(2)]) == jax.default_backend()
+    assert program_store._export_platform([np.ones(2), jax.device_put(jnp.ones(2), cpu)]) == "cpu"
+    with jax.default_device(cpu):
+        assert program_store._export_platform([np.ones(2)]) == "cpu"
