@@ -5,11 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from amortize import encoder
 from amortize.encoder import (
-    ALIGN, LOG_ODDS_EPS, OFFSET_REACH, EncoderConfig, cell_centres, encode, init_encoder,
+    ALIGN, LOG_ODDS_EPS, OFFSET_REACH, EncoderConfig, cell_centres, init_encoder,
     input_features, pad_to_align, standardise, unmirror_raw,
 )
 from amortize.errors import BadArgument
+
+# Jitted, as every caller runs it: op by op the encoder compiled about a hundred one-operation
+# programs per test and image shape.
+encode = jax.jit(encoder.encode, static_argnums=1)
 
 
 @pytest.fixture(scope="module", params=[(4, False), (2, False), (4, True)],
