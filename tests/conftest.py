@@ -28,6 +28,9 @@ for _name, (_value, _series) in TEST_XLA_FLAGS.items():
     if _name not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_name}={_value}").strip()
 
+#: Programs that compile faster than this are not written to the tests' compilation cache.
+TEST_CACHE_MIN_COMPILE_S = 0.3
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -75,6 +78,12 @@ def _shared_compilation_cache():
     from amortize.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()
+    # The CLI's subprocesses come for the big programs (training steps, SVI, the encoder).
+    # Writing each of the thousands of small programs the tests compile costs more than
+    # compiling them again would (four op-heavy test files serially, alternating: 105 and
+    # 114 s with every program written, 87 and 106 s with these skipped; the whole suite
+    # 554 s, against 579 s for nearly the same code with every program written).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", TEST_CACHE_MIN_COMPILE_S)
     yield
     _CACHE.cleanup()
 
