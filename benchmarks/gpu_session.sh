@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU timings for BENCHMARKS.md, run on a lent GPU machine through the workplace's device tool.
 #
-#   bash benchmarks/gpu_session.sh a|b OUTDIR
+#   bash benchmarks/gpu_session.sh a|b|c OUTDIR
 #
 # Stage a: the main job (predict on the bundled example), refinement of the stand-in frame
 # (cold compilation cache, then warm), `amortize bench predict`, `bench train`, `bench refine`.
@@ -17,7 +17,7 @@
 # it is made from ../shared). Each step has its own time limit, so one slow step costs only
 # itself; every output lands in OUTDIR as it is made.
 set -uo pipefail
-stage=${1:?stage a or b}
+stage=${1:?stage a, b or c}
 out=${2:?output directory}
 mkdir -p "$out"
 logs=/tmp/gpu-logs  # the device tool brings back at most 8 files: only bench lines and JSONs go to OUTDIR

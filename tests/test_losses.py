@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amortize import losses
 from amortize.droplets import Background, Droplets
 from amortize.encoder import CellOutputs
-from amortize import losses
 from amortize.losses import background_at
 
 # Jitted: run op by op, these tests compiled some 400 one-operation programs (test_batch_mean
