@@ -149,7 +149,7 @@ class StoredProgram:
                     f"{code.co_firstlineno if code else '?'}"
         self.key = repr(key)
         self.nameable = " at 0x" not in self.key  # an address names nothing in another process
-        self.programs: dict = {}  # (statics, tree, avals) -> (jitted exported call, output tree)
+        self.programs: dict = {}  # (platform, statics, tree, avals) -> (jitted exported call, output tree)
 
     def program_count(self) -> int:
         """Programs this process has traced or loaded through the store (with the store
