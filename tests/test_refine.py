@@ -347,6 +347,24 @@ def test_the_learning_rate_is_optimiser_state_not_a_constant_of_the_step():
 
     assert (rest_rate(slow), rest_rate(fast)) == pytest.approx((0.01, 0.02))
 
+def test_each_parameter_group_takes_its_own_first_step():
+    """Adam's first step moves a parameter by its group's rate (the gradient's sign): presence
+    logits faster than centres, and radius and composition shifts by the shape factor."""
+    from amortize import refinement
+    from amortize.refinement import refine_optimizer
+
+    lr, shape_rate = 0.01, 3.0
+    params = {name: jnp.zeros(4) for name in
+              ("x_shift", "y_shift", "log_radius_shift", "comp_loc", "q_logit", "x_scale")}
+    grads = {name: jnp.full(4, -2.5) for name in params}  # descent moves every one up
+    expected = {"x_shift": 1.0, "y_shift": 1.0, "x_scale": 1.0, "log_radius_shift": shape_rate,
+                "comp_loc": shape_rate, "q_logit": refinement.PRESENCE_LR_FACTOR}
+    for factor, optim in ((shape_rate, refine_optimizer(lr, shape_rate)), (1.0, refine_optimizer(lr))):
+        moved = optim.get_params(optim.update(grads, optim.init(params), value=jnp.float32(0.0)))
+        for name, rate in expected.items():
+            rate = 1.0 if factor == 1.0 and name in ("log_radius_shift", "comp_loc") else rate
+            np.testing.assert_allclose(moved[name], lr * rate, rtol=1e-4, err_msg=name)
+
 
 def _fake_round(fits_seen, losses_per_chunk, fit_values, config):
     """`_svi_round` on a fake chunk runner: the state is the chunk count, each chunk's
@@ -434,19 +452,20 @@ class _SolverBuilt(Exception):
     pass
 
 
-@pytest.mark.parametrize("scale, softness, lr", [(None, 0.07, 0.011), (0.5, 0.0, 0.033)])
+@pytest.mark.parametrize("scale, softness, lr, shape_rate", [(None, 0.07, 0.011, 1.0), (0.5, 0.0, 0.033, 2.5)])
 def test_overlaps_are_soft_and_steps_short_at_scale_one_and_not_on_enlarged_copies(predictor, monkeypatch, scale,
-                                                                                  softness, lr):
+                                                                                  softness, lr, shape_rate):
     from amortize import refinement
 
-    def spy(n_slots, scene_config, encoder, render_config, wake, freeze_optics, learning_rate):
-        raise _SolverBuilt(render_config.overlap_softness, learning_rate)
+    def spy(n_slots, scene_config, encoder, render_config, wake, freeze_optics, learning_rate, shape_rate):
+        raise _SolverBuilt(render_config.overlap_softness, learning_rate, shape_rate)
 
     monkeypatch.setattr(refinement, "solver", spy)
-    config = RefineConfig(overlap_softness=0.07, learning_rate=0.011, enlarged_learning_rate=0.033)
+    config = RefineConfig(overlap_softness=0.07, learning_rate=0.011, enlarged_learning_rate=0.033,
+                          enlarged_shape_rate=2.5)
     with pytest.raises(_SolverBuilt) as built:
         refine(scene(predictor, noise=0.01), predictor, config=config, scale=scale, start_table=table(), device="cpu")
-    assert built.value.args == (softness, lr)
+    assert built.value.args == (softness, lr, shape_rate)
 
 
 def test_refine_config_rejects_negative_softness():
@@ -455,9 +474,10 @@ def test_refine_config_rejects_negative_softness():
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.01, float("nan")])
-def test_refine_config_rejects_a_bad_enlarged_learning_rate(bad):
-    with pytest.raises(BadArgument, match="enlarged_learning_rate"):
-        RefineConfig(enlarged_learning_rate=bad)
+@pytest.mark.parametrize("name", ["enlarged_learning_rate", "enlarged_shape_rate"])
+def test_refine_config_rejects_a_bad_enlarged_rate(name, bad):
+    with pytest.raises(BadArgument, match=name):
+        RefineConfig(**{name: bad})
 
 
 @pytest.mark.parametrize("setting", [{"field_spacing": 0.0}, {"field_spacing": float("inf")}, {"field": "yes"}])
