@@ -96,8 +96,8 @@ class RefineConfig:
             this many times faster than centres (`refine_optimizer`). Adam moves each
             parameter by about its rate per step, which at 0.03 is up to 0.045 input px of
             a centre at 4x (its trust region is 1.5 input px) but only 0.6 % of a radius
-            and 0.03 of a composition logit, while the encoder's radius and colour errors
-            are several per cent and tenths of a logit. At 3 the 507 x 380 stand-in stopped
+            and 0.03 of a composition logit: either alone twice as fast already improved
+            the fit at every check (see BENCHMARKS.md). At 3 the 507 x 380 stand-in stopped
             after 30 steps at 0.02388 instead of 40 at 0.02436 (2: 35 steps, 0.02390; 5:
             30 steps, 0.02381); centres twice as fast overshot (0.02545). At scale 1, where
             the loss test stops hundreds of steps later, it helped nothing (8 simulated
