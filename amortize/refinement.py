@@ -141,6 +141,14 @@ class RefineConfig:
         samples: on a copy enlarged k times, SVI evaluates the model's rendering at this
             many points per image pixel side (at most k; see `sample_points`), not at all
             k x k work pixels. Each step costs about (samples / k)^2 as much.
+        coarse_steps: when `samples` puts more than one point per image pixel side, the
+            first this many steps evaluate one (the centre of each image pixel's block): a
+            quarter of the points at 2 per side, and about a fifth of a step's time. One
+            point per pixel is a biased stand-in for the pixel's box average (0.0056 RMS on
+            the slide at 4x), so the steps after them, and every fit check, use `samples`.
+            On the 507 x 380 stand-in (see BENCHMARKS.md), 15 coarse steps then 20 at 2 per
+            side reached 0.02386 against 0.02388 after 30 at 2 per side, in 23.2 s instead
+            of 28.7-29.9 s; 25 coarse steps stopped at 0.02399. 0 turns it off.
         field: when SVI fits a smooth background correction (`Background.field`) along
             with the quadratic illumination ("always", "enlarged" or "never"). On a 507 x 380
             stand-in for the notebooks' frame (an enlarged copy) the residual kept slow
@@ -181,6 +189,7 @@ class RefineConfig:
     birth_snr: float = 6.0
     blur_max: float = 2.0
     samples: int = 2
+    coarse_steps: int = 15
     field: str = "enlarged"
     field_spacing: float = 64.0
     overlap_softness: float = 0.05
@@ -207,6 +216,7 @@ class RefineConfig:
         _check(self.birth_snr > 0, "birth_snr", "must be > 0")
         _check(0 <= self.blur_max <= BLUR_MAX_PX, "blur_max", f"must be in [0, {BLUR_MAX_PX}] px")
         _check(self.samples >= 1, "samples", "must be >= 1")
+        _check(self.coarse_steps >= 0, "coarse_steps", "must be >= 0")
         _check(self.field in FIT_STOPS, "field", f"must be one of {', '.join(FIT_STOPS)}")
         _check(self.field_spacing > 0 and math.isfinite(self.field_spacing), "field_spacing", "must be > 0")
         _check(self.overlap_softness >= 0, "overlap_softness", "must be >= 0")
@@ -228,6 +238,7 @@ class RefineResult:
         answer_step: the step whose state is reported (the last, or with the fit test on,
             the one whose reported droplets fit the image best; see `RefineConfig.fit_stop`).
         fits: with the fit test on, that fit after each chunk (RMSE on the likelihood's grid).
+        coarse_steps: the first steps, taken on the coarse grid (`RefineConfig.coarse_steps`).
         births: slots placed by residual proposals; wall_s: seconds; device: where it ran.
         scale: the scale it worked at; scale_search: {scale: reconstruction RMSE} of the
             scales `scale="auto"` tried (empty otherwise).
@@ -250,6 +261,7 @@ class RefineResult:
     stopped_by: str | None = None
     answer_step: int = 0
     fits: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    coarse_steps: int = 0
     params: dict = dataclasses.field(repr=False, default_factory=dict)
     anchor: dict = dataclasses.field(repr=False, default_factory=dict)
 
@@ -261,6 +273,7 @@ class RefineResult:
             "converged": self.converged,
             "stopped_by": self.stopped_by,
             "answer_step": self.answer_step,
+            "coarse_steps": self.coarse_steps,
             "fit_rmse_per_check": [round(float(e), 6) for e in self.fits],
             "births_proposed": self.births,
             "count_before": int(len(self.start_table["x"])),
@@ -879,6 +892,11 @@ def refine(
         pool = wake.pool
         svi, svi_init, run_chunk = solver(anchor["x"].shape[1], scene, enc, svi_render(render_config, config, scale),
                                           wake, config.freeze_optics, *svi_rates(config, pool))
+        coarse_wake = dataclasses.replace(wake, samples=1)
+        coarse = (solver(anchor["x"].shape[1], scene, enc, svi_render(render_config, config, scale), coarse_wake,
+                         config.freeze_optics, *svi_rates(config, pool))
+                  if config.coarse_steps and wake.samples > 1 else None)
+        coarse_taken = 0
         images = jnp.asarray(image if pool > 1 else work)[None]
         key = jax.random.PRNGKey(seed)
         # The pixel noise starts at the encoder's reconstruction error.
@@ -911,6 +929,10 @@ def refine(
             # Steps a round leaves unused pass on to the next ones.
             budget = (config.steps - done) // (config.rounds - r)
             args = _on_device((images, anchor, values, background, optics), dev)
+            if r == 0 and coarse is not None and budget > 1:
+                state, coarse_taken = _coarse_phase(coarse, svi, state, args, min(config.coarse_steps, budget - 1),
+                                                    losses, bar)
+                done, budget = done + coarse_taken, budget - coarse_taken
 
             def fit(s, args=args):
                 return _reported_fit(svi.get_params(s), args[1], args[0], args[4], render_config=render_config,
@@ -932,6 +954,7 @@ def refine(
         recon_rmse_before=rmse_before, recon_rmse_after=rmse(image, recon_after),
         losses=all_losses, steps=int(all_losses.size), converged=stopped_by is not None,
         stopped_by=stopped_by, answer_step=answer_step, fits=np.asarray(fits), births=births,
+        coarse_steps=coarse_taken,
         wall_s=time.perf_counter() - t0, device=f"{dev.platform}:{dev.id}", scale=scale,
         scale_search=dict(choice.tried) if choice else {}, params=params, anchor=jax.device_get(anchor),
     )
@@ -1073,6 +1096,20 @@ def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=No
                     at = used + n
                 return answer, "loss", at, averaged
     return answer, None, at, averaged
+
+
+def _coarse_phase(coarse, svi: SVI, state, args, n: int, losses: list, bar) -> tuple:
+    """n SVI steps by the `coarse` solver (one point per image pixel) from `state`; returns
+    (state, n). Its set-up differs from `svi`'s only in the likelihood's grid: the guide, its
+    parameters and their constraints are the same, so the state carries over to `svi`, and
+    so does the map to constrained values that `SVI.init` left on `svi` (`constrain_fn`).
+    Shared, it spares the coarse solver an `init` of its own (a trace of the whole model)."""
+    coarse_svi, _, run_coarse = coarse
+    coarse_svi.constrain_fn = svi.constrain_fn
+    state, coarse_losses, _ = run_coarse(state, args, n)
+    losses.append(coarse_losses)
+    bar.update(n)
+    return state, n
 
 
 def _finite_mean(losses: np.ndarray) -> float:

@@ -26,7 +26,8 @@ TRUTH = {
 COLOUR = np.array([0.6, 0.55, 0.5], np.float32)
 #: Hard compositing: these scenes' droplets do not overlap, where soft overlaps change
 #: nothing but the cost (the optics run twice per pixel); the first test runs the default.
-CONFIG = RefineConfig(steps=300, learning_rate=0.03, chunk=25, overlap_softness=0.0)
+#: No coarse steps on enlarged copies (one test has them): each would compile one more SVI run.
+CONFIG = RefineConfig(steps=300, learning_rate=0.03, chunk=25, overlap_softness=0.0, coarse_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -149,15 +150,29 @@ def test_loss_plot_is_an_image():
     assert img.shape == (400, 640, 3) and img.min() < 0.5 and img.max() == 1.0
 
 
-def test_scale_maps_back_to_the_input_pixels_on_odd_sizes(predictor):
+def test_scale_maps_back_to_the_input_pixels_on_odd_sizes(predictor, monkeypatch):
     # An odd-size image refined at scale 2 (work image 25 x 26, too small) must fail
     # cleanly; at scale 0.5 (an enlarged copy) the outputs come back at the input's size
     # and in its pixels.
+    from amortize import refinement
+
     image = scene(predictor, noise=0.01)[:47, :45]
     with pytest.raises(BadArgument, match="smaller than"):
         refine(image, predictor, scale=2.0, device="cpu")
-    short = dataclasses.replace(CONFIG, steps=25)
+    grids = []
+    original = refinement.solver
+
+    def spy(n_slots, scene_config, encoder, render_config, wake, *rest):
+        grids.append(wake.samples)
+        return original(n_slots, scene_config, encoder, render_config, wake, *rest)
+
+    monkeypatch.setattr(refinement, "solver", spy)
+    short = dataclasses.replace(CONFIG, steps=25, coarse_steps=5)
     res = refine(image, predictor, config=short, scale=0.5, device="cpu", start_table=table())
+    # The first 5 steps, within the 25, on the coarse grid (one point per image pixel), the
+    # rest on the step's own (2 x 2 points), with the fit checked on it.
+    assert grids == [2, 1] and res.coarse_steps == res.summary()["coarse_steps"] == 5
+    assert res.steps <= 25 and res.fits.size == (res.steps - 5) // CONFIG.fit_every
     assert res.recon_before.shape == res.recon_after.shape == image.shape
     # Within the trust region (1 input px; the untrained encoder's background start lets
     # centres drift 0.25-0.5 px in 25 steps at this scale), not at work-px coordinates.
@@ -435,8 +450,10 @@ def test_refine_config_rejects_a_bad_fit_test():
 def test_the_fit_is_watched_on_enlarged_copies_and_measures_the_reconstruction(predictor):
     image = scene(predictor, noise=0.01)
     config = dataclasses.replace(CONFIG, steps=50, chunk=10, fit_every=10)
-    at_one = refine(image, predictor, config=config, device="cpu", start_table=table())
-    assert at_one.fits.size == 0 and at_one.answer_step == at_one.steps
+    # No coarse steps at scale 1, which has one point per pixel already.
+    at_one = refine(image, predictor, config=dataclasses.replace(config, coarse_steps=5), device="cpu",
+                    start_table=table())
+    assert at_one.fits.size == 0 and at_one.answer_step == at_one.steps and at_one.coarse_steps == 0
     enlarged = refine(image, predictor, config=config, scale=0.5, device="cpu", start_table=table())
     assert enlarged.fits.size == enlarged.steps // 10 and 0 < enlarged.answer_step <= enlarged.steps
     meta = enlarged.summary()
@@ -467,6 +484,11 @@ def test_overlaps_are_soft_and_steps_short_at_scale_one_and_not_on_enlarged_copi
     with pytest.raises(_SolverBuilt) as built:
         refine(scene(predictor, noise=0.01), predictor, config=config, scale=scale, start_table=table(), device="cpu")
     assert built.value.args == (softness, lr, shape_rate)
+
+
+def test_refine_config_rejects_negative_coarse_steps():
+    with pytest.raises(BadArgument, match="coarse_steps"):
+        RefineConfig(coarse_steps=-1)
 
 
 def test_refine_config_rejects_negative_softness():
