@@ -142,13 +142,15 @@ class RefineConfig:
             many points per image pixel side (at most k; see `sample_points`), not at all
             k x k work pixels. Each step costs about (samples / k)^2 as much.
         coarse_steps: when `samples` puts more than one point per image pixel side, the
-            first this many steps evaluate one (the centre of each image pixel's block): a
-            quarter of the points at 2 per side, and about a fifth of a step's time. One
-            point per pixel is a biased stand-in for the pixel's box average (0.0056 RMS on
-            the slide at 4x), so the steps after them, and every fit check, use `samples`.
-            On the 507 x 380 stand-in (see BENCHMARKS.md), 15 coarse steps then 20 at 2 per
-            side reached 0.02386 against 0.02388 after 30 at 2 per side, in 23.2 s instead
-            of 28.7-29.9 s; 25 coarse steps stopped at 0.02399. 0 turns it off.
+            first this many steps (at most half of `steps`) evaluate one, the centre of each
+            image pixel's block: a quarter of the points at 2 per side, and about a fifth of
+            a step's time. One point per pixel is a biased stand-in for the pixel's box
+            average (0.0056 RMS on the slide at 4x), so the steps after them, and every fit
+            check, use `samples`. On the 507 x 380 stand-in (see BENCHMARKS.md), 15 coarse
+            steps then 20 at 2 per side reached 0.02386 against 0.02388 after 30 at 2 per
+            side, and `amortize refine` was faster in six paired runs (by 0.3-5.6 s, median
+            2.2 s); 10, 20 and 25 coarse steps stopped at 0.02380, 0.02389 and 0.02399, and
+            20 was worse than 15 on the three other enlarged frames. 0 turns it off.
         field: when SVI fits a smooth background correction (`Background.field`) along
             with the quadratic illumination ("always", "enlarged" or "never"). On a 507 x 380
             stand-in for the notebooks' frame (an enlarged copy) the residual kept slow
@@ -930,7 +932,7 @@ def refine(
             budget = (config.steps - done) // (config.rounds - r)
             args = _on_device((images, anchor, values, background, optics), dev)
             if r == 0 and coarse is not None and budget > 1:
-                state, coarse_taken = _coarse_phase(coarse, svi, state, args, min(config.coarse_steps, budget - 1),
+                state, coarse_taken = _coarse_phase(coarse, svi, state, args, min(config.coarse_steps, budget // 2),
                                                     losses, bar)
                 done, budget = done + coarse_taken, budget - coarse_taken
 

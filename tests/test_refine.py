@@ -173,6 +173,11 @@ def test_scale_maps_back_to_the_input_pixels_on_odd_sizes(predictor, monkeypatch
     # rest on the step's own (2 x 2 points), with the fit checked on it.
     assert grids == [2, 1] and res.coarse_steps == res.summary()["coarse_steps"] == 5
     assert res.steps <= 25 and res.fits.size == (res.steps - 5) // CONFIG.fit_every
+    # At most half of a short budget (the same programs: the step count is an argument).
+    grids.clear()
+    few = refine(image, predictor, config=dataclasses.replace(short, steps=8, coarse_steps=15), scale=0.5,
+                 device="cpu", start_table=table())
+    assert grids == [2, 1] and few.coarse_steps == 4 and few.steps == 8
     assert res.recon_before.shape == res.recon_after.shape == image.shape
     # Within the trust region (1 input px; the untrained encoder's background start lets
     # centres drift 0.25-0.5 px in 25 steps at this scale), not at work-px coordinates.
