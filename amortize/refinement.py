@@ -240,7 +240,8 @@ class RefineResult:
         answer_step: the step whose state is reported (the last, or with the fit test on,
             the one whose reported droplets fit the image best; see `RefineConfig.fit_stop`).
         fits: with the fit test on, that fit after each chunk (RMSE on the likelihood's grid).
-        coarse_steps: the first steps, taken on the coarse grid (`RefineConfig.coarse_steps`).
+        coarse_steps: how many of the first steps scored the coarse grid, one point per
+            image pixel (`RefineConfig.coarse_steps`); included in `steps`.
         births: slots placed by residual proposals; wall_s: seconds; device: where it ran.
         scale: the scale it worked at; scale_search: {scale: reconstruction RMSE} of the
             scales `scale="auto"` tried (empty otherwise).
