@@ -933,8 +933,8 @@ def refine(
             budget = (config.steps - done) // (config.rounds - r)
             args = _on_device((images, anchor, values, background, optics), dev)
             if r == 0 and coarse is not None and budget > 1:
-                state, coarse_taken = _coarse_phase(coarse, svi, state, args, min(config.coarse_steps, budget // 2),
-                                                    losses, bar)
+                coarse_taken = min(config.coarse_steps, budget // 2)
+                state = _coarse_phase(coarse, svi, state, args, coarse_taken, losses, bar)
                 done, budget = done + coarse_taken, budget - coarse_taken
 
             def fit(s, args=args):
@@ -1101,9 +1101,9 @@ def _svi_round(run_chunk, state, args, budget, config, losses, fits, bar, fit=No
     return answer, None, at, averaged
 
 
-def _coarse_phase(coarse, svi: SVI, state, args, n: int, losses: list, bar) -> tuple:
-    """n SVI steps by the `coarse` solver (one point per image pixel) from `state`; returns
-    (state, n). Its set-up differs from `svi`'s only in the likelihood's grid: the guide, its
+def _coarse_phase(coarse, svi: SVI, state, args, n: int, losses: list, bar):
+    """The state after n SVI steps by the `coarse` solver (one point per image pixel) from
+    `state`. Its set-up differs from `svi`'s only in the likelihood's grid: the guide, its
     parameters and their constraints are the same, so the state carries over to `svi`, and
     so does the map to constrained values that `SVI.init` left on `svi` (`constrain_fn`).
     Shared, it spares the coarse solver an `init` of its own (a trace of the whole model)."""
@@ -1112,7 +1112,7 @@ def _coarse_phase(coarse, svi: SVI, state, args, n: int, losses: list, bar) -> t
     state, coarse_losses, _ = run_coarse(state, args, n)
     losses.append(coarse_losses)
     bar.update(n)
-    return state, n
+    return state
 
 
 def _finite_mean(losses: np.ndarray) -> float:
