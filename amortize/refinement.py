@@ -893,11 +893,11 @@ def refine(
         # 0.0254 scored on the interpolated copy, 0.0249 on the image's pixels.
         wake = svi_wake(config, image.shape[:2], (h, w))
         pool = wake.pool
-        svi, svi_init, run_chunk = solver(anchor["x"].shape[1], scene, enc, svi_render(render_config, config, scale),
-                                          wake, config.freeze_optics, *svi_rates(config, pool))
-        coarse_wake = dataclasses.replace(wake, samples=1)
-        coarse = (solver(anchor["x"].shape[1], scene, enc, svi_render(render_config, config, scale), coarse_wake,
-                         config.freeze_optics, *svi_rates(config, pool))
+        n_slots, model_render, rates = anchor["x"].shape[1], svi_render(render_config, config, scale), \
+            svi_rates(config, pool)
+        svi, svi_init, run_chunk = solver(n_slots, scene, enc, model_render, wake, config.freeze_optics, *rates)
+        coarse = (solver(n_slots, scene, enc, model_render, dataclasses.replace(wake, samples=1),
+                         config.freeze_optics, *rates)
                   if config.coarse_steps and wake.samples > 1 else None)
         coarse_taken = 0
         images = jnp.asarray(image if pool > 1 else work)[None]
