@@ -42,8 +42,6 @@ MIN_GAIN = 0.05
 MIN_FURTHER_GAIN = 0.01
 #: Largest enlarged working image (pixels): 2048 x 2048, the largest encoded untiled.
 MAX_PIXELS = 2048 * 2048
-#: The text `--scale` takes for this search.
-AUTO = "auto"
 
 
 class ScaleChoice(NamedTuple):
@@ -86,13 +84,3 @@ def choose_scale(predictor, image: np.ndarray, threshold: float = DEFAULT_THRESH
             break
         scale /= 2
     return best
-
-
-def parse_scale(text: str) -> float | str:
-    """`--scale`'s value: "auto" or a positive number (ValueError otherwise)."""
-    if str(text).strip().lower() == AUTO:
-        return AUTO
-    value = float(text)
-    if not (value > 0 and np.isfinite(value)):
-        raise ValueError(f"must be 'auto' or a positive number, got {text}")
-    return value

@@ -1,8 +1,11 @@
-"""Frozen dataclass configs for the scene prior, the renderer and the simulation nuisances.
+"""Frozen dataclass configs for the scene prior, the renderer, the simulation nuisances and
+per-image refinement, and the checks of the console script's other arguments.
 
-Every config has a `tiny()` preset for tests, converts to and from plain dicts (the resolved
-config is saved as JSON next to every output) and validates itself on construction, so a bad
-value fails early with a message that names the field.
+Every config converts to and from plain dicts (the resolved config is saved as JSON next to
+every output) and validates itself on construction, so a bad value fails early with a message
+that names the field; the scene, render and simulation configs have a `tiny()` preset for
+tests. This module imports neither JAX nor numpy: `amortize` checks its arguments with it
+before importing the library, so a typo costs a fraction of a second, not the import.
 """
 
 from __future__ import annotations
@@ -24,6 +27,34 @@ MAX_IMAGE_SIDE = 16384
 def _check(ok: bool, field: str, reason: str) -> None:
     if not ok:
         raise BadArgument(field, reason)
+
+
+def validate_request(n: int, size: tuple[int, int]) -> None:
+    """Reject a bad count or image size before anything is computed or written."""
+    if int(n) != n or n <= 0:
+        raise BadArgument("--n", f"must be a positive whole number, got {n}")
+    w, h = size
+    for name, v in (("width", w), ("height", h)):
+        if int(v) != v or v <= 0:
+            raise BadArgument("--size", f"{name} must be a positive whole number, got {v}")
+        if v > MAX_IMAGE_SIDE:
+            raise BadArgument("--size", f"{name} {v} exceeds the maximum of {MAX_IMAGE_SIDE} px")
+    if min(w, h) < 8:
+        raise BadArgument("--size", f"images must be at least 8x8 px, got {w}x{h}")
+
+
+#: The text `--scale` takes for the scale search (`amortize.autoscale`).
+AUTO = "auto"
+
+
+def parse_scale(text: str) -> float | str:
+    """`--scale`'s value: "auto" or a positive number (ValueError otherwise)."""
+    if str(text).strip().lower() == AUTO:
+        return AUTO
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be 'auto' or a positive number, got {text}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,3 +297,155 @@ def _is_tuple(hint: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_is_tuple(arg) for arg in typing.get_args(hint))
     return origin is tuple
+
+
+#: Largest blur (px) the model may fit.
+BLUR_MAX_PX = 8.0
+
+#: When `RefineConfig.fit_stop` watches the image fit.
+FIT_STOPS = ("always", "enlarged", "never")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+    """Settings of per-image refinement.
+
+    Attributes:
+        steps: most SVI steps in all.
+        learning_rate: Adam step size (in each parameter's unconstrained space) at scales >= 1.
+        enlarged_learning_rate: the same on copies enlarged by `scale < 1`, where the fit
+            test stops refinement after tens of steps rather than hundreds. At 0.03 instead of
+            0.02 the enlarged slides reached the same fit 10-15 steps sooner (the 507 x 380
+            stand-in: 0.02436 after 40 steps against 0.02437 after 50; the slide at 3x: 0.0270
+            after 40 against 0.0271 after 50); at 0.04 and 0.06 the fit's best was worse
+            (0.02445 and 0.02483) and came after 30 and 20 steps.
+        enlarged_shape_rate: on those enlarged copies, radius and composition shifts learn
+            this many times faster than centres (`refine_optimizer`). Adam moves each
+            parameter by about its rate per step, which at 0.03 is up to 0.045 input px of
+            a centre at 4x (its trust region is 1.5 input px) but only 0.6 % of a radius
+            and 0.03 of a composition logit: either alone twice as fast already improved
+            the fit at every check (see BENCHMARKS.md). At 3 the 507 x 380 stand-in stopped
+            after 30 steps at 0.02388 instead of 40 at 0.02436 (2: 35 steps, 0.02390; 5:
+            30 steps, 0.02381); centres twice as fast overshot (0.02545). At scale 1, where
+            the loss test stops hundreds of steps later, it helped nothing (8 simulated
+            scenes: position RMSE 0.1547 -> 0.1568 px, composition R² 0.929 -> 0.922), so
+            there every shift keeps one rate.
+        rounds: SVI rounds; a residual-driven birth proposal runs between consecutive
+            rounds. The default, 1, leaves births to the encoder's sub-threshold candidates:
+            on simulated scenes the residual's blobs were mostly misfits, and a second round
+            added 20 false droplets per 512 x 384 image for 2 real ones.
+        chunk: steps per compiled call when the fit is not watched; the convergence test
+            on the loss runs on windows of this many steps.
+        tol, patience: converged when `patience` windows in a row have not lowered the best
+            window-mean loss by more than the fraction `tol` of it.
+        fit_stop: when to watch the image fit as well ("always", "enlarged" or "never"):
+            every `fit_every` steps, the RMSE of the reported droplets' rendering; the state
+            that fits best is reported, and refinement stops once `fit_patience` checks in
+            a row have not lowered the best fit by more than the fraction `fit_tol` of it.
+            "enlarged" (the default) watches it on copies enlarged by `scale < 1` only. There
+            the loss keeps falling about 1 % per chunk for hundreds of steps (the fitted
+            noise keeps shrinking) after the fit has settled: the slide at 4x took 625
+            steps and 197 s for 0.0001 less error than 50 steps. At scale 1 the centres keep
+            improving after the fit has settled (simulated scenes: position RMSE 0.221 px
+            after 50 steps, 0.166 after 125, with the fit 0.02899 and 0.02915), so the best
+            fit would stop them too early.
+        fit_every: steps between fit checks (0.1-0.15 s each on the slide at 4x). Checked
+            every 5 steps, its fit falls smoothly to its best after 55 and then rises;
+            checked after every 25-step chunk, refinement ran a whole chunk past the best.
+        min_presence: encoder peaks at least this likely become slots (births from the
+            encoder's half-seen droplets).
+        spare: extra slots for birth proposals, as a fraction of the droplets found (at
+            least `SLOT_BUCKET` / 16).
+        temperature: of the relaxed presence used for rendering.
+        freeze_optics: keep the trained decoder's optics (True) or fine-tune them.
+        threshold: posterior presence needed to report a droplet.
+        birth_snr: a residual blob is proposed when its smoothed squared residual exceeds
+            this many times the image's median squared residual.
+        blur_max: the model blurs its rendering by a Gaussian whose sigma (0 to blur_max
+            px) is fitted to the image: defocus is in every real micrograph and in the
+            simulator's nuisances, and a sharp model of a blurred image drags neighbouring
+            droplets around. 0 turns it off.
+        samples: on a copy enlarged k times, SVI evaluates the model's rendering at this
+            many points per image pixel side (at most k; see `sample_points`), not at all
+            k x k work pixels. Each step costs about (samples / k)^2 as much.
+        coarse_steps: when `samples` puts more than one point per image pixel side, the
+            first this many steps (at most half of `steps`) evaluate one, the centre of each
+            image pixel's block: a quarter of the points at 2 per side, and about a fifth of
+            a step's time. One point per pixel is a biased stand-in for the pixel's box
+            average (0.0056 RMS on the slide at 4x), so the steps after them, and every fit
+            check, use `samples`. On the 507 x 380 stand-in (see BENCHMARKS.md), 15 coarse
+            steps then 20 at 2 per side reached 0.02386 against 0.02388 after 30 at 2 per
+            side, and `amortize refine` was faster in six paired runs (by 0.3-5.6 s, median
+            2.2 s); 10, 20 and 25 coarse steps stopped at 0.02380, 0.02389 and 0.02399, and
+            20 was worse than 15 on the three other enlarged frames. 0 turns it off.
+        field: when SVI fits a smooth background correction (`Background.field`) along
+            with the quadratic illumination ("always", "enlarged" or "never"). On a 507 x 380
+            stand-in for the notebooks' frame (an enlarged copy) the residual kept slow
+            variations (19 px block means: RMS 0.006) that one quadratic over the whole field
+            cannot follow, and the correction took the fit from 0.0255 to 0.0246 in the same
+            50 steps. "enlarged" (the default) fits it on enlarged copies only: on simulated
+            scenes at scale 1, whose illumination is exactly quadratic, it only added
+            freedom, and position RMSE on 10 validation scenes rose from 0.137 to 0.162 px.
+        field_spacing: input px between the correction's knots, at most (`field_knots`).
+        overlap_softness: `RenderConfig.overlap_softness` of SVI's model at scales >= 1 (0:
+            the scene model's nearest-droplet compositing). Its gradient does not see the
+            boundary between two overlapping droplets move, and centres settled where it
+            vanishes, not where the fit is best: refined from the true droplets, a 2 px
+            droplet sat 0.7 px off with 200 log-likelihood units to gain at the truth. On 10
+            validation scenes (seed 555) 0.05 took the position RMSE from 0.156 to 0.141 px.
+            Each step costs about 1.8 times as much, so enlarged copies (droplets 4 times
+            larger in work px, a smaller share of their pixels on a boundary) keep it off:
+            the slide at 4x gained 0.0001 in fit at twice the time.
+    """
+
+    steps: int = 1000
+    learning_rate: float = 0.02
+    enlarged_learning_rate: float = 0.03
+    enlarged_shape_rate: float = 3.0
+    rounds: int = 1
+    chunk: int = 25
+    tol: float = 1e-3
+    patience: int = 3
+    fit_stop: str = "enlarged"
+    fit_tol: float = 0.01
+    fit_patience: int = 2
+    fit_every: int = 5
+    min_presence: float = 0.1
+    spare: float = 0.1
+    temperature: float = 0.5
+    freeze_optics: bool = True
+    threshold: float = 0.5
+    birth_snr: float = 6.0
+    blur_max: float = 2.0
+    samples: int = 2
+    coarse_steps: int = 15
+    field: str = "enlarged"
+    field_spacing: float = 64.0
+    overlap_softness: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "lr", "must be > 0")
+        _check(self.enlarged_learning_rate > 0 and math.isfinite(self.enlarged_learning_rate),
+               "enlarged_learning_rate", "must be > 0")
+        _check(self.enlarged_shape_rate > 0 and math.isfinite(self.enlarged_shape_rate),
+               "enlarged_shape_rate", "must be > 0")
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        _check(self.chunk >= 1, "chunk", "must be >= 1")
+        _check(self.tol >= 0, "tol", "must be >= 0")
+        _check(self.patience >= 1, "patience", "must be >= 1")
+        _check(self.fit_stop in FIT_STOPS, "fit_stop", f"must be one of {', '.join(FIT_STOPS)}")
+        _check(0 <= self.fit_tol < 1, "fit_tol", "must be in [0, 1)")
+        _check(self.fit_patience >= 1, "fit_patience", "must be >= 1")
+        _check(self.fit_every >= 1, "fit_every", "must be >= 1")
+        _check(0 < self.min_presence < 1, "min_presence", "must be in (0, 1)")
+        _check(self.spare >= 0, "spare", "must be >= 0")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
+        _check(self.birth_snr > 0, "birth_snr", "must be > 0")
+        _check(0 <= self.blur_max <= BLUR_MAX_PX, "blur_max", f"must be in [0, {BLUR_MAX_PX}] px")
+        _check(self.samples >= 1, "samples", "must be >= 1")
+        _check(self.coarse_steps >= 0, "coarse_steps", "must be >= 0")
+        _check(self.field in FIT_STOPS, "field", f"must be one of {', '.join(FIT_STOPS)}")
+        _check(self.field_spacing > 0 and math.isfinite(self.field_spacing), "field_spacing", "must be > 0")
+        _check(self.overlap_softness >= 0, "overlap_softness", "must be >= 0")

@@ -27,8 +27,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
-from amortize.autoscale import AUTO, ScaleChoice, choose_scale
-from amortize.config import from_dict
+from amortize.autoscale import ScaleChoice, choose_scale
+from amortize.config import AUTO, from_dict
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table, to_work_table
 from amortize.droplets import Background
 from amortize.encoder import ALIGN, Encoder, decode_outputs, input_features, standardise, unmirror_raw

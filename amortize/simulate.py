@@ -22,9 +22,8 @@ from numpyro import handlers
 from tqdm.auto import tqdm
 
 from amortize import io
-from amortize.config import MAX_IMAGE_SIDE, SimulationConfig, to_dict
+from amortize.config import SimulationConfig, to_dict, validate_request
 from amortize.droplets import Background, Droplets, table_columns, to_table
-from amortize.errors import BadArgument
 from amortize.model import droplet_model, scene_from_trace
 from amortize.nuisance import degrade
 from amortize.optics import default_optics_params
@@ -77,20 +76,6 @@ def simulate_scene(
 @functools.partial(jax.jit, static_argnames=("shape", "config"))
 def _simulate_batch(keys, shape, config, optics_params):
     return jax.vmap(lambda k: simulate_scene(k, shape, config, optics_params))(keys)
-
-
-def validate_request(n: int, size: tuple[int, int]) -> None:
-    """Reject a bad count or image size before anything is computed or written."""
-    if int(n) != n or n <= 0:
-        raise BadArgument("--n", f"must be a positive whole number, got {n}")
-    w, h = size
-    for name, v in (("width", w), ("height", h)):
-        if int(v) != v or v <= 0:
-            raise BadArgument("--size", f"{name} must be a positive whole number, got {v}")
-        if v > MAX_IMAGE_SIDE:
-            raise BadArgument("--size", f"{name} {v} exceeds the maximum of {MAX_IMAGE_SIDE} px")
-    if min(w, h) < 8:
-        raise BadArgument("--size", f"images must be at least 8x8 px, got {w}x{h}")
 
 
 def iter_simulation(

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from amortize import autoscale
-from amortize.autoscale import choose_scale, parse_scale
+from amortize.autoscale import choose_scale
+from amortize.config import parse_scale
 from amortize.predict import resize
 
 

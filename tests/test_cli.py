@@ -250,7 +250,7 @@ def test_refine_bad_device_and_steps_exit_2(tmp_path):
 
 def test_fit_stop_choices_are_refinements():
     from amortize.cli import build_parser
-    from amortize.refinement import FIT_STOPS, RefineConfig
+    from amortize.config import FIT_STOPS, RefineConfig
 
     refine_parser = build_parser()._subparsers._group_actions[0].choices["refine"]
     (fit_stop,) = [a for a in refine_parser._actions if a.dest == "fit_stop"]
@@ -353,6 +353,28 @@ def test_help_does_not_import_the_library():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 
+
+
+_CHECK_ONLY = """
+import sys
+from amortize.cli import main
+codes = [main(line.split()) for line in sys.argv[1:]]
+print(codes, sorted(m for m in ('jax', 'numpy', 'numpyro') if m in sys.modules))
+"""
+
+
+def test_bad_arguments_are_reported_before_the_library_is_imported(tmp_path):
+    bad = ["simulate --out o --n 0 --size 16 16", "simulate --out o --n 1 --size 16 16 --radius-range 5 2",
+           "predict x.png --out o --threshold 2", "predict x.png --out o --scale 0",
+           "refine x.png --out o --steps 0", "refine x.png --out o --lr -1 --scale big",
+           "train --config c.toml --workdir w --init m"]
+    res = subprocess.run([sys.executable, "-c", _CHECK_ONLY, *bad], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert res.stdout.strip() == f"{[2] * len(bad)} []", res.stdout + res.stderr
+    errors = res.stderr.strip().splitlines()
+    words = ["--n:", "--radius-range:", "--threshold:", "--scale:", "steps:", "lr:", "--init:"]
+    assert len(errors) == len(bad) and all(f": error: {w}" in e for e, w in zip(errors, words)), errors
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 def test_the_package_exports_its_public_names_on_first_use():
     import amortize
