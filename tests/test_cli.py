@@ -130,9 +130,7 @@ def test_train_then_predict_with_the_workdir(tmp_path):
     assert res.returncode == 0, res.stderr
     assert (work / "config.json").exists() and (work / "checkpoints" / "4").is_dir()
     assert any((work / "logs").iterdir())  # tensorboard events
-    # A finished run started again does nothing and succeeds.
-    res = run("train", "--config", str(RECIPES / "tiny.toml"), "--workdir", str(work), "--quiet")
-    assert res.returncode == 0, res.stderr
+    # (A finished run started again: tests/test_train.py.)
 
     image = tmp_path / "img.png"
     io.write_png(image, np.random.default_rng(0).uniform(size=(40, 56, 3)))
@@ -286,14 +284,26 @@ def test_bench_refine_quick(tiny_model_dir, capsys):
     assert records[1]["encoder_steps_to_notebook_best"] is None or records[1]["encoder_steps_to_notebook_best"] >= 1
 
 
-def test_train_with_data_adapts_and_predict_writes_reconstructions(tmp_path, tiny_model_dir, tiny_sim):
+def test_train_with_data_adapts_a_frozen_encoder_and_predict_writes_reconstructions(tmp_path, tiny_model_dir,
+                                                                                   tiny_sim):
+    import jax
+
+    from amortize.checkpoint import load_model, save_model
+    from amortize.optics import default_optics_params
+    from amortize.readout import ReadoutConfig, init_readout
     from amortize.simulate import simulate
 
     data = tmp_path / "corpus"
     data.mkdir()
-    for i, image in enumerate(simulate(2, (80, 72), seed=2, config=tiny_sim).images):
+    # tests/test_adapt.py's corpus: the same simulation program.
+    for i, image in enumerate(simulate(3, (96, 80), seed=5, config=tiny_sim).images):
         io.write_png(data / f"img{i}.png", image)
     (data / "broken.png").write_bytes(b"")
+    # The --init model has a fitted composition read-out, which a frozen encoder keeps.
+    params, config, step = load_model(tiny_model_dir)
+    init = tmp_path / "init"
+    save_model(init, {**params, "readout": {**init_readout(ReadoutConfig(), 3, 3), "fitted": np.ones((), np.int32)}},
+               config, step)
     work = tmp_path / "adapt"
     # The tiny recipe with a frozen encoder and no sleep phase (tests/test_adapt.py runs the
     # whole cycle in-process): 2 wake steps, then 2 of the final optics fit.
@@ -302,10 +312,17 @@ def test_train_with_data_adapts_and_predict_writes_reconstructions(tmp_path, tin
     recipe = tmp_path / "adapt.toml"
     recipe.write_text(text.replace("sleep_steps = 2", "sleep_steps = 0\nencoder_learning_rate = 0.0"))
     res = run("train", "--config", str(recipe), "--data", str(data),
-              "--workdir", str(work), "--init", str(tiny_model_dir), "--quiet")
+              "--workdir", str(work), "--init", str(init), "--quiet")
     assert res.returncode == 0, res.stderr
     assert "broken.png: skipped, empty file" in res.stderr
-    assert (work / "checkpoints" / "4").is_dir()
+    adapted, _, step = load_model(work)
+    assert step == 4 and "decoder" in adapted and "readout" in adapted
+    # The encoder is the --init one, bit for bit; the wake steps taught the decoder.
+    same = jax.tree_util.tree_map(np.array_equal, adapted["params"], params["params"])
+    assert all(jax.tree_util.tree_leaves(same))
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), adapted["decoder"]["optics"],
+                                   default_optics_params(3, 3))
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
 
     out = tmp_path / "pred"
     res = run("predict", str(data / "img0.png"), "--out", str(out), "--checkpoint", str(work),
