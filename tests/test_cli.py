@@ -186,11 +186,12 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     from amortize.simulate import simulate
 
     good = tmp_path / "good.png"
-    io.write_png(good, simulate(1, (48, 40), seed=4, config=tiny_sim).images[0])
+    io.write_png(good, simulate(1, (48, 48), seed=4, config=tiny_sim).images[0])
     (tmp_path / "zero.png").write_bytes(b"")
     out = tmp_path / "refined"
-    # Not the defaults (tests/test_refine.py has those): the --force run below repeats these
-    # flags, so its programs come from the session's compilation cache.
+    # Not the defaults: the --force run below repeats these flags, so its programs come from
+    # the session's compilation cache; and the image's size and these flags are those of the
+    # fine-tuned run in tests/test_refine.py (frozen optics), so one compiled SVI run serves both.
     args = ["--out", str(out), "--checkpoint", str(tiny_model_dir), "--steps", "10", "--device", "cpu",
             "--no-freeze-optics", "--fit-stop", "always"]
     res = run("refine", str(good), str(tmp_path / "zero.png"), *args, "--quiet")
@@ -205,7 +206,7 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     meta = json.loads((out / "good.json").read_text())
     assert meta["steps"] == 10 and meta["device"].startswith("cpu") and meta["config"]["fit_stop"] == "always"
     assert {"recon_rmse_before", "recon_rmse_after", "wall_s", "converged"} <= set(meta)
-    assert io.read_image(out / "good.recon.png").shape == (40, 48, 3)
+    assert io.read_image(out / "good.recon.png").shape == (48, 48, 3)
     # The programs the run traced are in the program store (the session's cache)...
     store = pathlib.Path(os.environ["AMORTIZE_CACHE_DIR"]) / "programs"
     stored = {p.name: p.stat().st_mtime_ns for p in store.glob("*.program")}

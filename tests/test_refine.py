@@ -115,8 +115,10 @@ def test_frozen_optics_are_not_learned_unless_asked(predictor):
     short = dataclasses.replace(CONFIG, steps=25)
     frozen = refine(image, predictor, config=short, device="cpu", start_table=table())
     assert "optics" not in frozen.params
-    tuned = refine(image, predictor, config=dataclasses.replace(short, freeze_optics=False), device="cpu",
-                   start_table=table())
+    # The CLI round trip's set-up (tests/test_cli.py): one compiled SVI run serves both.
+    cli = dataclasses.replace(short, freeze_optics=False, overlap_softness=RefineConfig().overlap_softness,
+                              fit_stop="always")
+    tuned = refine(image, predictor, config=cli, device="cpu", start_table=table())
     before = jax.tree_util.tree_leaves(predictor.optics)
     after = jax.tree_util.tree_leaves(tuned.params["optics"])
     assert any(not np.allclose(a, b) for a, b in zip(before, after))
@@ -271,16 +273,17 @@ def test_refine_files_auto_scale_refines_at_the_chosen_scale(predictor, tmp_path
     answers = []
 
     monkeypatch.setattr(refinement, "choose_scale", choose)
-    io.write_png(tmp_path / "a.png", scene(predictor, noise=0.01))
-    short = dataclasses.replace(CONFIG, steps=10)
+    # The odd-size test's image and set-up (coarse steps included): the same SVI programs.
+    io.write_png(tmp_path / "a.png", scene(predictor, noise=0.01)[:47, :45])
+    short = dataclasses.replace(CONFIG, steps=10, coarse_steps=5)
     done, errors = refinement.refine_files([tmp_path / "a.png"], tmp_path / "out", predictor, config=short,
                                            scale="auto", device="cpu", progress=False)
-    assert (done, errors) == (1, []) and seen == [(48, 48, 3)]
+    assert (done, errors) == (1, []) and seen == [(47, 45, 3)]
     meta = json.loads((tmp_path / "out" / "a.json").read_text())
     assert meta["scale"] == 0.5 and meta["scale_search"] == {"1": 0.06, "0.5": 0.04}
     # The search's answer at the chosen scale is the start (predict is not run again).
     assert meta["count_before"] == len(answers[0]["x"])
-    assert io.read_image(tmp_path / "out" / "a.recon.png").shape == (48, 48, 3)
+    assert io.read_image(tmp_path / "out" / "a.recon.png").shape == (47, 45, 3)
 
 
 @pytest.mark.parametrize("shape, work, k", [((47, 45), (94, 90), 2), ((20, 30), (80, 120), 4),
