@@ -215,8 +215,13 @@ def init_state(run: RunConfig) -> dict:
     return state
 
 
+#: The part of the training state a step updates; the rest (the read-out) passes it by.
+STEP_STATE = ("step", "params", "opt_state")
+
+
 def make_train_step(run: RunConfig, optics_params: dict, tx=None):
-    """The jitted step: (state, data key) -> (state, metrics).
+    """The step: (state, data key) -> (state, metrics), jitted on `STEP_STATE` alone, so that
+    recipes with and without a read-out share one compiled program.
 
     `tx` replaces the recipe's optimiser (the sleep phases of wake-sleep use a constant step).
     """
@@ -230,7 +235,7 @@ def make_train_step(run: RunConfig, optics_params: dict, tx=None):
         return batch_set_loss(out, truth, background, shape)
 
     @jax.jit
-    def step(state, data_key):
+    def core_step(state, data_key):
         key = jax.random.fold_in(data_key, state["step"])
         images, truth, background = simulate_batch(key, run, optics_params)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -241,7 +246,11 @@ def make_train_step(run: RunConfig, optics_params: dict, tx=None):
         metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state["step"])
-        return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    def step(state, data_key):
+        core, metrics = core_step({k: state[k] for k in STEP_STATE}, data_key)
+        return {**state, **core}, metrics
 
     return step
 
