@@ -19,10 +19,10 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "AmortizeError": "errors", "BadArgument": "errors", "BadInput": "errors",
     "Background": "droplets", "Droplets": "droplets", "to_table": "droplets",
-    "NuisanceConfig": "config", "RenderConfig": "config", "SceneConfig": "config",
-    "SimulationConfig": "config",
+    "NuisanceConfig": "config", "RefineConfig": "config", "RenderConfig": "config",
+    "SceneConfig": "config", "SimulationConfig": "config",
     "Predictor": "predict",
-    "RefineConfig": "refinement", "refine": "refinement",
+    "refine": "refinement",
     "Simulation": "simulate", "simulate": "simulate", "write_simulation": "simulate",
     "choose_scale": "autoscale",
     "default_optics_params": "optics",
