@@ -28,7 +28,7 @@ def test_the_notebook_guide_is_autonormal_from_uniform_values_and_jits():
     params = svi.get_params(jax.jit(svi.init)(jax.random.PRNGKey(0), images))
     auto = AutoNormal(toy_model)
     auto_svi = SVI(toy_model, auto, numpyro.optim.Adam(0.01), Trace_ELBO(), **kwargs)
-    auto_params = auto_svi.get_params(auto_svi.init(jax.random.PRNGKey(0), images))
+    auto_params = auto_svi.get_params(jax.jit(auto_svi.init)(jax.random.PRNGKey(0), images))
     # AutoNormal's parameters: names, shapes, scales 0.1, locations uniform in (-2, 2).
     assert {k: np.shape(v) for k, v in params.items()} == {k: np.shape(v) for k, v in auto_params.items()}
     for name in guide.sites:
