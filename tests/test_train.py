@@ -147,9 +147,11 @@ def test_the_flat_optimiser_is_the_same_arithmetic():
     tree = optax.chain(optax.clip_by_global_norm(run.train.grad_clip),
                        optax.adamw(schedule, weight_decay=run.train.weight_decay))
     grads = jax.tree_util.tree_map(lambda a: jnp.cos(a) + 0.5, params)
-    s_flat, s_tree = flat.init(params), tree.init(params)
+    s_flat, s_tree = jax.jit(flat.init)(params), jax.jit(tree.init)(params)
+    # Jitted: op by op, each of the optimisers' operations on each leaf is a program to compile.
+    flat_update, tree_update = jax.jit(flat.update), jax.jit(tree.update)
     for _ in range(3):
-        u_flat, s_flat = flat.update(grads, s_flat, params)
-        u_tree, s_tree = tree.update(grads, s_tree, params)
+        u_flat, s_flat = flat_update(grads, s_flat, params)
+        u_tree, s_tree = tree_update(grads, s_tree, params)
         for a, b in zip(jax.tree_util.tree_leaves(u_flat), jax.tree_util.tree_leaves(u_tree)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
