@@ -497,8 +497,9 @@ def run_refine_bench(checkpoint: str | None = None, size: tuple[int, int] = (256
     a scene it cannot draw, the encoder's answer lost the race: 281 steps to its own final
     loss against 211 from random slots).
     """
+    from amortize.config import RefineConfig
     from amortize.predict import SIMULATED_CHECKPOINT, Predictor
-    from amortize.refinement import RefineConfig, prior_start, slots_from_encoder, solver, svi_render, svi_wake
+    from amortize.refinement import prior_start, slots_from_encoder, solver, svi_render, svi_wake
     from amortize.simulate import iter_simulation
 
     if quick:

@@ -228,7 +228,7 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
 
 def test_refine_lr_sets_the_step_size_at_every_scale():
     from amortize.cli import build_parser, refine_config
-    from amortize.refinement import RefineConfig
+    from amortize.config import RefineConfig
 
     config = refine_config(build_parser().parse_args(["refine", "x.png", "--out", "o", "--lr", "0.05"]))
     assert config.learning_rate == config.enlarged_learning_rate == 0.05

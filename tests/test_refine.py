@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from amortize.config import RefineConfig
 from amortize.droplets import Background, Droplets
 from amortize.errors import BadArgument
 from amortize.plots import line_plot
 from amortize.predict import Predictor
-from amortize.refinement import RefineConfig, field_knots, pick_device, refine, residual_blobs, svi_wake
+from amortize.refinement import field_knots, pick_device, refine, residual_blobs, svi_wake
 from amortize.render import render
 
 SHAPE = (48, 48)
