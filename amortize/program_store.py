@@ -25,6 +25,13 @@ The store is on while the compilation cache is (`enable_compilation_cache` turns
 `AMORTIZE_PROGRAM_STORE=0` keeps it off) and lives in its `programs/` folder; a file that
 cannot be read or written only costs a trace. The fingerprint reads the source files, so a
 script that patches amortize's functions at run time must keep the store off.
+
+A stored file is data, never code: anyone who can write to the store must not be able to
+run code as the user who reads it. A file holds a header, the output tree's structure as
+JSON and the program in JAX's own serialisation (`jax.export`); nothing is unpickled. It is
+used only if it belongs to the user, its header's SHA-256 matches its content, and every
+node type in its tree is a container type already imported from a package whose code is
+traced (`TRACED_PACKAGES` and amortize): otherwise it is traced again and replaced.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ import importlib.metadata
 import inspect
 import os
 import pathlib
-import pickle
+import json
+import struct
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -44,6 +53,12 @@ import numpy as np
 
 #: Packages whose code is traced into our programs; their versions are part of the key.
 TRACED_PACKAGES = ("jax", "jaxlib", "numpyro", "flax", "optax")
+#: First bytes of a stored program file (the format's version is part of it).
+MAGIC = b"amortize-program-v2\n"
+#: Packages whose pytree node types may appear in a stored program's output tree.
+TREE_PACKAGES = ("amortize", "jax", "jaxlib", "numpyro", "flax", "optax")
+_BUILTIN_NODES = {"builtins:tuple": tuple, "builtins:list": list, "builtins:dict": dict,
+                  "builtins:NoneType": type(None)}
 
 _store: pathlib.Path | None = None
 _fingerprint: str | None = None
@@ -189,11 +204,10 @@ class StoredProgram:
 
     def _load_or_export(self, platform, statics, statics_text, tree, avals, n_args):
         path = self._path(platform, statics_text, tree, avals)
-        try:
-            blob, out_tree = pickle.loads(path.read_bytes())
-            return jax.jit(jax.export.deserialize(bytearray(blob)).call), out_tree
-        except Exception:  # noqa: BLE001 - not stored yet, or a damaged file: trace it (and replace it)
-            pass
+        loaded = read_program(path)
+        if loaded is not None:
+            exported, out_tree = loaded
+            return jax.jit(exported.call), out_tree
         out_trees = []
         static_args = dict(statics)
 
@@ -213,18 +227,141 @@ class StoredProgram:
             blob = bytes(exported.serialize())
         except Exception:  # noqa: BLE001 - e.g. a custom call JAX will not export: jit as usual
             return False
-        try:
-            data = pickle.dumps((blob, out_trees[0]))
-        except Exception:  # noqa: BLE001 - an output type pickle cannot name: use it, keep nothing
-            data = None
-        if data is not None:
+        data = encode_program(blob, out_trees[0])
+        if data is not None:  # None: an output type that cannot be named as data; use it, keep nothing
             _write_atomically(path, data)
         return jax.jit(exported.call), out_trees[0]
 
 
+def tree_to_data(treedef) -> Any:
+    """A pytree structure as JSON-ready data: "*" for a leaf, else the node's type (as
+    "module:qualname"), its auxiliary data and its children.
+
+    Raises:
+        ValueError: a node type or auxiliary value that cannot be named as data.
+    """
+    node = treedef.node_data()
+    if node is None:
+        return "*"
+    kind, aux = node
+    name = f"{kind.__module__}:{kind.__qualname__}"
+    if "<locals>" in name:
+        raise ValueError(f"{name} cannot be named in another process")
+    return {"type": name, "aux": _aux_to_data(aux), "children": [tree_to_data(c) for c in treedef.children()]}
+
+
+def tree_from_data(data: Any):
+    """The pytree structure `tree_to_data` described.
+
+    Raises:
+        ValueError: the data is malformed or names a type that may not be used (see the
+            module notes).
+    """
+    if data == "*":
+        return jax.tree_util.tree_structure(0)
+    if not isinstance(data, dict) or set(data) != {"type", "aux", "children"} or not isinstance(
+            data["children"], list):
+        raise ValueError("malformed tree node")
+    children = [tree_from_data(child) for child in data["children"]]
+    from jax._src.tree_util import default_registry  # not re-exported by jax.tree_util
+
+    return jax.tree_util.PyTreeDef.from_node_data_and_children(
+        default_registry, (_node_type(data["type"]), _aux_from_data(data["aux"])), children)
+
+
+def _node_type(name: Any) -> type:
+    """The container type named "module:qualname", looked up among modules already imported
+    (nothing is imported here) of the packages in `TREE_PACKAGES`."""
+    if not isinstance(name, str):
+        raise ValueError("malformed node type")
+    if name in _BUILTIN_NODES:
+        return _BUILTIN_NODES[name]
+    module_name, _, qualname = name.partition(":")
+    if module_name.split(".")[0] not in TREE_PACKAGES or module_name not in sys.modules:
+        raise ValueError(f"node type {name} is not allowed")
+    value: Any = sys.modules[module_name]
+    for part in qualname.split("."):
+        if part.startswith("__") or not part.isidentifier():
+            raise ValueError(f"node type {name} is not allowed")
+        value = getattr(value, part, None)
+    if not isinstance(value, type):
+        raise ValueError(f"node type {name} is not a type")
+    return value
+
+
+def _aux_to_data(aux: Any) -> Any:
+    """Auxiliary data (dict keys, static fields) as JSON, keeping tuples apart from lists."""
+    if aux is None or isinstance(aux, (bool, str)):
+        return aux
+    if isinstance(aux, (int, float)) and type(aux) in (int, float):
+        return {"int" if isinstance(aux, int) else "float": aux}
+    if type(aux) in (tuple, list):
+        return {type(aux).__name__: [_aux_to_data(a) for a in aux]}
+    raise ValueError(f"auxiliary data of type {type(aux).__name__} cannot be stored")
+
+
+def _aux_from_data(data: Any) -> Any:
+    if data is None or isinstance(data, (bool, str)):
+        return data
+    if isinstance(data, dict) and len(data) == 1:
+        ((kind, value),) = data.items()
+        if kind == "int" and type(value) is int:
+            return value
+        if kind == "float" and type(value) in (int, float):
+            return float(value)
+        if kind in ("tuple", "list") and isinstance(value, list):
+            items = [_aux_from_data(v) for v in value]
+            return tuple(items) if kind == "tuple" else items
+    raise ValueError("malformed auxiliary data")
+
+
+def encode_program(blob: bytes, out_tree) -> bytes | None:
+    """A stored program file: `MAGIC`, the SHA-256 of the rest, the length of the tree's JSON,
+    the JSON, then the program serialised by `jax.export`. None when the output tree cannot
+    be described as data."""
+    try:
+        tree = json.dumps({"out_tree": tree_to_data(out_tree), "text": str(out_tree)}).encode()
+    except ValueError:
+        return None
+    body = struct.pack("<Q", len(tree)) + tree + bytes(blob)
+    return MAGIC + hashlib.sha256(body).digest() + body
+
+
+def decode_program(data: bytes):
+    """(exported program, output tree) of a file `encode_program` wrote.
+
+    Raises:
+        ValueError: a file of another format, damaged, or naming a type it may not use.
+    """
+    if not data.startswith(MAGIC):
+        raise ValueError("not a stored program")
+    digest, body = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
+    if len(body) < 8 or hashlib.sha256(body).digest() != digest:
+        raise ValueError("checksum mismatch")
+    (n,) = struct.unpack("<Q", body[:8])
+    meta = json.loads(body[8:8 + n])
+    out_tree = tree_from_data(meta["out_tree"])
+    if str(out_tree) != meta["text"]:
+        raise ValueError("output tree does not match its description")
+    return jax.export.deserialize(bytearray(body[8 + n:])), out_tree
+
+
+def read_program(path: pathlib.Path):
+    """(exported program, output tree) stored at `path`, or None when there is none that may
+    be used: missing, owned by another user, damaged or of another format (traced again)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_uid != os.getuid():
+                return None  # someone else's file: never trust it
+            data = f.read()
+        return decode_program(data)
+    except Exception:  # noqa: BLE001 - missing or unusable: trace it (and replace it)
+        return None
+
+
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -1,5 +1,12 @@
 """The program store: programs traced once are loaded, not traced, by a later process."""
 
+import hashlib
+import json
+import os
+import pathlib
+import pickle
+import struct
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +130,77 @@ def test_programs_are_exported_for_the_platform_the_call_runs_on():
     assert program_store._export_platform([np.ones(2), jax.device_put(jnp.ones(2), cpu)]) == "cpu"
     with jax.default_device(cpu):
         assert program_store._export_platform([np.ones(2)]) == "cpu"
+
+
+class _Payload:
+    """A pickle that, if ever unpickled, leaves a mark on disk."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _stored_file(store):
+    stored_jit(scaled_sum, static_argnames="factor")(*args(), factor=2.0)
+    (path,) = store.glob("*.program")
+    TRACES.clear()
+    return path
+
+
+def _recompute_and_check(store, path):
+    got = stored_jit(scaled_sum, static_argnames="factor")(*args(), factor=2.0)
+    np.testing.assert_array_equal(got["sum"], (np.arange(3.0) + 1) * 2)
+    assert TRACES == [2.0], "the planted file should have been rejected and the program traced"
+    assert path.read_bytes().startswith(program_store.MAGIC)
+
+
+def test_a_pickle_in_the_store_is_never_unpickled(store, tmp_path):
+    path = _stored_file(store)
+    marker = tmp_path / "payload-ran"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    _recompute_and_check(store, path)
+    assert not marker.exists()
+
+
+def test_a_file_whose_checksum_fails_is_rejected(store):
+    path = _stored_file(store)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    _recompute_and_check(store, path)
+
+
+@pytest.mark.parametrize("node_type", ["os:system", "subprocess:Popen", "amortize.io:__class__",
+                                       "builtins:eval", 3])
+def test_a_tree_naming_a_type_outside_the_traced_packages_is_rejected(store, node_type):
+    path = _stored_file(store)
+    body = path.read_bytes()[len(program_store.MAGIC) + 32:]
+    (n,) = struct.unpack("<Q", body[:8])
+    meta = json.loads(body[8:8 + n])
+    meta["out_tree"]["type"] = node_type
+    tree = json.dumps(meta).encode()
+    new_body = struct.pack("<Q", len(tree)) + tree + body[8 + n:]
+    path.write_bytes(program_store.MAGIC + hashlib.sha256(new_body).digest() + new_body)
+    with pytest.raises(ValueError):
+        program_store.decode_program(path.read_bytes())
+    _recompute_and_check(store, path)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="changing a file's owner needs root")
+def test_a_file_owned_by_another_user_is_not_used(store):
+    path = _stored_file(store)
+    os.chown(path, 12345, 12345)
+    assert program_store.read_program(path) is None
+    _recompute_and_check(store, path)
+
+
+def test_output_trees_round_trip_as_data():
+    import optax
+
+    from amortize.droplets import Background
+
+    tree = jax.tree_util.tree_structure(
+        ({"a": 1, "b": [2, None]}, optax.ScaleByAdamState(1, 2, 3), Background(1.0, 2.0), ()))
+    assert program_store.tree_from_data(json.loads(json.dumps(program_store.tree_to_data(tree)))) == tree
