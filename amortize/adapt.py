@@ -40,12 +40,14 @@ import optax
 from tqdm.auto import tqdm
 
 from amortize import checkpoint
-from amortize.config import SceneConfig, SimulationConfig, _check, from_dict, to_dict
+from amortize.config import (
+    BadRecipe, SceneConfig, SimulationConfig, _check, check_types, config_from_file, from_dict, to_dict,
+)
 from amortize.corpus import Corpus, sample_crops
 from amortize.decoder_fit import fit_targets, make_fit_step
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.encoder import EncoderConfig, encode
-from amortize.errors import BadArgument, BadInput
+from amortize.errors import BadInput
 from amortize.prior_fit import prior_summary, refit_scene
 from amortize.train import (
     RunConfig, TrainConfig, finite_metrics, make_train_step, prepare_workdir, resume,
@@ -113,6 +115,7 @@ class AdaptConfig:
         _check(self.decoder_fit_crops >= 1, "decoder_fit_crops", "must be >= 1")
         _check(self.decoder_fit_learning_rate > 0, "decoder_fit_learning_rate", "must be > 0")
         _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
+        _check(self.seed >= 0, "seed", "must be >= 0")
         for name in ("checkpoint_every", "log_every", "preview_every"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
 
@@ -171,6 +174,10 @@ def load_adapt_recipe(path: str | pathlib.Path, encoder: EncoderConfig,
 
     A recipe without [simulation] tables takes `simulation` (the `--init` model's), so that
     the adapted model keeps the prior and rendering settings it was trained with.
+
+    Every field's type and range is checked here, before any workdir exists: a bad one is a
+    `amortize.config.BadRecipe` (a `BadArgument` and a `BadInput`) naming the file, table and
+    field.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -180,15 +187,10 @@ def load_adapt_recipe(path: str | pathlib.Path, encoder: EncoderConfig,
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise BadInput(path, f"not valid TOML ({err})") from None
     if "encoder" in data:
-        raise BadInput(path, "an adaptation recipe takes its [encoder] from --init; remove the table")
-    try:
-        if "simulation" not in data and simulation is not None:
-            data["simulation"] = to_dict(simulation)
-        return from_dict(AdaptRun, {**data, "encoder": to_dict(encoder)})
-    except BadArgument as err:
-        raise BadInput(path, f"{err.subject}: {err.reason}") from None
-    except TypeError as err:
-        raise BadInput(path, f"bad value ({err})") from None
+        raise BadRecipe(path, "an adaptation recipe takes its [encoder] from --init; remove the table")
+    if "simulation" not in data and simulation is not None:
+        data["simulation"] = to_dict(simulation)
+    return config_from_file(AdaptRun, {**data, "encoder": to_dict(encoder)}, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,6 +381,7 @@ def adapt(
             when the recipe freezes the encoder, as it was fitted to that encoder's answers.
     """
     workdir = pathlib.Path(workdir)
+    check_types(run)  # a recipe built in code: nothing is created before it is checked
     resolved = prepare_workdir(workdir, run)
     cfg = run.adapt
     own_writer = writer is None
@@ -394,7 +397,13 @@ def adapt(
     state["decoder_opt"] = optax.adam(cfg.decoder_fit_learning_rate).init(init_optics)
     if cfg.encoder_frozen and init_readout is not None:
         state["readout"] = init_readout
-    state, saved = resume(mgr, state, workdir)
+    try:
+        state, saved = resume(mgr, state, workdir)
+    except BaseException:
+        mgr.close()
+        if own_writer:
+            writer.close()
+        raise
     scene = run.simulation.scene if saved is None else from_dict(SceneConfig, saved["simulation"]["scene"])
     start = int(state["step"])
     n_crops = corpus.n_crops(run.wake.crop)

@@ -13,6 +13,7 @@ import argparse
 import sys
 import tomllib
 
+from amortize.config import DEFAULT_MAX_PIXELS
 from amortize.errors import AmortizeError, BadArgument, BadInput
 
 
@@ -27,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def _simulation_config(args):
     import dataclasses
 
-    from amortize.config import SimulationConfig, from_dict
+    from amortize.config import SimulationConfig, config_from_file
 
     if args.config:
         try:
@@ -35,9 +36,11 @@ def _simulation_config(args):
                 data = tomllib.load(f)
         except OSError as err:
             raise BadArgument(args.config, f"cannot read config ({err.strerror})") from None
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise BadArgument(args.config, f"not valid TOML ({err})") from None
-        config = from_dict(SimulationConfig, data.get("simulation", data))
+        # Every field's type and range, before the output directory is made.
+        table = "simulation" if "simulation" in data else ""
+        config = config_from_file(SimulationConfig, data.get("simulation", data), args.config, table)
     else:
         config = SimulationConfig()
     scene = config.scene
@@ -87,7 +90,8 @@ def cmd_train(args) -> int:
     if args.data is not None:
         metrics = _adapt(args, writer)
     else:
-        metrics = train(load_recipe(args.config), args.workdir, writer=writer, progress=not args.quiet)
+        run = load_recipe(args.config)  # every field checked before the workdir is touched
+        metrics = train(run, args.workdir, writer=writer, progress=not args.quiet)
     if not args.quiet:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
     return 0
@@ -101,6 +105,7 @@ def _adapt(args, writer) -> dict:
     from amortize.predict import Predictor
 
     init = Predictor.load(args.init)
+    # Every field checked, and the corpus read, before the workdir is touched (in `adapt`).
     run = load_adapt_recipe(args.config, init.run.encoder, init.run.simulation)
 
     def warn(line):
@@ -147,15 +152,25 @@ def cmd_predict(args) -> int:
     if args.threshold is None:
         args.threshold = DEFAULT_THRESHOLD
     predictor = Predictor.load(args.checkpoint)
-    done, errors = predict_files(
+    run = predict_files(
         args.inputs, args.out, predictor, threshold=args.threshold, scale=args.scale,
         force=args.force, progress=not args.quiet,
         report=lambda line: print(f"amortize predict: {line}", file=sys.stderr),
-        reconstruction=args.reconstruction,
+        reconstruction=args.reconstruction, max_pixels=args.max_pixels,
     )
-    if not args.quiet:
-        print(f"predicted {done} image(s) into {args.out}" + (f"; {len(errors)} failed" if errors else ""))
-    return 1 if errors or done == 0 else 0
+    _files_summary("predict", "predicted", run, args)
+    return run.exit_code
+
+
+def _files_summary(verb: str, did: str, run, args, where: str = "") -> None:
+    """The closing lines of a folder run: what was done and, if it stopped early, how to go on."""
+    if run.stopped:
+        print(f"amortize {verb}: stopped by {run.stopped} after {run.done} image(s); outputs written "
+              f"so far are complete, and the same command finishes the rest", file=sys.stderr)
+    elif not args.quiet:
+        print(f"{did} {run.done} image(s) into {args.out}{where}"
+              + (f"; {run.skipped} skipped (complete outputs already there)" if run.skipped else "")
+              + (f"; {len(run.errors)} failed" if run.errors else ""))
 
 
 def refine_config(args):
@@ -185,15 +200,14 @@ def cmd_refine(args) -> int:
 
     device = pick_device(args.device)
     predictor = Predictor.load(args.checkpoint)
-    done, errors = refine_files(
+    run = refine_files(
         args.inputs, args.out, predictor, config=args.refine, scale=args.scale, device=args.device,
         force=args.force, progress=not args.quiet,
         report=lambda line: print(f"amortize refine: {line}", file=sys.stderr),
+        max_pixels=args.max_pixels,
     )
-    if not args.quiet:
-        print(f"refined {done} image(s) into {args.out} on {device.platform}"
-              + (f"; {len(errors)} failed" if errors else ""))
-    return 1 if errors or done == 0 else 0
+    _files_summary("refine", "refined", run, args, where=f" on {device.platform}")
+    return run.exit_code
 
 
 def cmd_evaluate(args) -> int:
@@ -220,6 +234,16 @@ def cmd_bench(args) -> int:
     elif args.what == "refine":
         bench.run_refine_bench(args.checkpoint, quick=args.quick)
     return 0
+
+
+def _pixel_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels > 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "under 4 px and an enlarged image (0.5, 0.25) is reconstructed better")
     pr.add_argument("--reconstruction", action="store_true",
                     help="also write <stem>.recon.png, <stem>.residual.png and recon_rmse")
-    pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    pr.add_argument("--max-pixels", type=_pixel_count, default=DEFAULT_MAX_PIXELS,
+                    help=f"largest image to read, in pixels (default {DEFAULT_MAX_PIXELS}: 12000 x 12000)")
+    pr.add_argument("--force", action="store_true", help="overwrite existing outputs (without it, "
+                    "images whose outputs are complete are skipped and incomplete ones redone)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     pr.set_defaults(check=check_predict, run=cmd_predict)
 
@@ -300,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--scale", default="auto",
                     help="input px per encoder px, or auto (default) to refine at the scale "
                     "predict --scale auto chooses")
-    rf.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    rf.add_argument("--max-pixels", type=_pixel_count, default=DEFAULT_MAX_PIXELS,
+                    help=f"largest image to read, in pixels (default {DEFAULT_MAX_PIXELS})")
+    rf.add_argument("--force", action="store_true", help="overwrite existing outputs (without it, "
+                    "images whose outputs are complete are skipped and incomplete ones redone)")
     rf.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     rf.set_defaults(check=check_refine, run=cmd_refine)
 
@@ -334,8 +364,20 @@ def main(argv: list[str] | None = None) -> int:
             args.check(args)  # before the import below: a bad argument costs no JAX import
         from amortize.compile_cache import enable_compilation_cache
 
-        enable_compilation_cache()
-        return args.run(args)
+        enable_compilation_cache(warn=lambda line: print(f"amortize {args.verb}: warning: {line}", file=sys.stderr))
+        import warnings
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            # The library's own warnings (a damaged checkpoint set aside, ...) are one line
+            # each, like its errors; other packages' keep Python's format.
+            if category.__module__.startswith("amortize"):
+                print(f"amortize {args.verb}: warning: {message}", file=sys.stderr)
+            else:
+                python_show(message, category, filename, lineno, file, line)
+
+        with warnings.catch_warnings():
+            python_show, warnings.showwarning = warnings.showwarning, show
+            return args.run(args)
     except BadArgument as err:
         print(f"amortize {args.verb}: error: {err}", file=sys.stderr)
         return 2

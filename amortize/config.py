@@ -11,17 +11,22 @@ before importing the library, so a typo costs a fraction of a second, not the im
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import numbers
 import types
 import typing
 from typing import Any, TypeVar
 
-from amortize.errors import BadArgument
+from amortize.errors import BadArgument, BadInput
 
 T = TypeVar("T")
 
 #: Largest image side (pixels) accepted anywhere; larger frames must be tiled by the caller.
 MAX_IMAGE_SIDE = 16384
+#: Largest image read by default (pixels): 12000 x 12000. Reading one takes 1.7 GB as
+#: float32 RGB, and predicting on it several times that; `--max-pixels` raises the limit.
+DEFAULT_MAX_PIXELS = 144_000_000
 
 
 def _check(ok: bool, field: str, reason: str) -> None:
@@ -123,6 +128,7 @@ class SceneConfig:
             "need 0 < min < max < 1",
         )
         _check(self.illumination_sd >= 0, "illumination_sd", "must be >= 0")
+        _check(self.slot_margin >= 0, "slot_margin", "must be >= 0")
         _check(self.density_spread >= 1, "density_spread", "must be >= 1 (1 = fixed density)")
         _check(0 < self.noise_min < self.noise_max, "noise_min/max", "need 0 < min < max")
         _check(
@@ -271,32 +277,177 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+def from_dict(cls: type[T], data: dict[str, Any], table: str = "") -> T:
     """Rebuild a config dataclass from `to_dict` output (or a parsed TOML table).
 
-    Unknown keys are an error, so that a typo in a recipe does not pass silently.
+    Every value is checked against the field's type hint before the dataclass's own range
+    checks run: an int field takes integers only (not 4.5, 2.0 or true), a float field any
+    finite number (ints become floats), a bool field true or false, a str field a string, a
+    tuple field a list of the right length and element types, a nested config a table;
+    None only where the hint allows it. Unknown keys are an error, so that a typo in a
+    recipe does not pass silently. Errors are `BadArgument`s whose subject names the table
+    (`table`, e.g. "simulation.scene") and field: "[train] batch_size".
     """
+    if not isinstance(data, dict):
+        raise BadArgument(f"[{table}]" if table else cls.__name__, f"must be a table, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise BadArgument(cls.__name__, f"unknown field(s): {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value)
-        elif _is_tuple(hint) and isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+        raise BadArgument(f"[{table}]" if table else cls.__name__,
+                          f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+    kwargs = {key: _convert(hints[key], value, key, table) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except BadArgument as err:  # a range check of the dataclass: name the table as well
+        if table and not err.subject.startswith("["):
+            raise BadArgument(_where(table, err.subject), err.reason) from None
+        raise
 
 
-def _is_tuple(hint: Any) -> bool:
-    origin = typing.get_origin(hint)
+def check_types(config: Any, table: str = "") -> None:
+    """Check every field of a config dataclass (and of the configs nested in it) against its
+    type hint, as `from_dict` does, for a config built in code rather than read from a file.
+
+    Numbers of other types (numpy's) pass where they are integers or real numbers.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_types(value, f"{table}.{f.name}" if table else f.name)
+        else:
+            _convert(hints[f.name], value, f.name, table)
+
+
+class BadRecipe(BadArgument, BadInput):
+    """A recipe or config file holds a value of the wrong type or out of range: a bad argument
+    (the CLI exits 2 with nothing written) that is also a bad input file."""
+
+
+def config_from_file(cls: type[T], data: Any, path: Any, table: str = "") -> T:
+    """`from_dict` of the table `table` of the file `path`; a bad value is one `BadRecipe`
+    line naming the file, the table and the field, e.g.
+    "x.toml: [train] batch_size must be an integer, got 2.0"."""
+    try:
+        return from_dict(cls, data, table)
+    except BadArgument as err:
+        raise recipe_error(path, err) from None
+    except (TypeError, ValueError) as err:
+        raise BadRecipe(path, f"bad value ({err})") from None
+
+
+def recipe_error(path: Any, err: BadArgument) -> BadRecipe:
+    """`err` (from `from_dict` or a range check) as a one-line error of the file `path`."""
+    sep = " " if err.subject.startswith("[") else ": "
+    return BadRecipe(path, f"{err.subject}{sep}{err.reason}")
+
+
+def _where(table: str, field: str) -> str:
+    return f"[{table}] {field}" if table else field
+
+
+def _show(value: Any) -> str:
+    """A value as the recipe would spell it ("1e-4" with its quotes, true, [64, 64])."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # inf, nan
+    try:
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_is_tuple(arg) for arg in typing.get_args(hint))
-    return origin is tuple
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(_show(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_plural(args[0])}"
+        if args and all(a == args[0] for a in args):
+            return f"a list of {len(args)} {_plural(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if dataclasses.is_dataclass(hint):
+        return "a table"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _plural(hint: Any) -> str:
+    return {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(hint, _describe(hint))
+
+
+def _convert(hint: Any, value: Any, field: str, table: str) -> Any:
+    """`value` checked against `hint` (ints of a float field become floats, lists of a tuple
+    field tuples, tables of a nested config the config); a `BadArgument` otherwise."""
+
+    def bad(reason: str | None = None):
+        return BadArgument(_where(table, field), reason or f"must be {_describe(hint)}, got {_show(value)}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            try:
+                return _convert(options[0], value, field, table)
+            except BadArgument as err:
+                raise bad(err.reason) from None
+        for option in options:
+            try:
+                return _convert(option, value, field, table)
+            except BadArgument:
+                pass
+        raise bad()
+    if origin is typing.Literal:
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise bad()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif args and len(value) != len(args):
+            raise bad()
+        try:
+            return tuple(_convert(a, v, field, table) for a, v in zip(args, value)) if args else tuple(value)
+        except BadArgument:
+            raise bad() from None
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise bad()
+        return from_dict(hint, value, f"{table}.{field}" if table else field)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is float:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise bad()
+        try:
+            number = float(value)
+        except (OverflowError, ValueError):
+            raise bad() from None
+        if not math.isfinite(number):
+            raise bad(f"must be a finite number, got {_show(number)}")
+        return number if type(value) in (int, float) else value
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    return value
 
 
 #: Largest blur (px) the model may fit.
@@ -424,6 +575,7 @@ class RefineConfig:
     overlap_softness: float = 0.05
 
     def __post_init__(self) -> None:
+        check_types(self)  # built from options and code, not only from_dict: 1.5 steps, "0.1"
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "lr", "must be > 0")
         _check(self.enlarged_learning_rate > 0 and math.isfinite(self.enlarged_learning_rate),

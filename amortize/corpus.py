@@ -66,7 +66,7 @@ def load_corpus(folder: str | pathlib.Path, crop: tuple[int, int], warn=None) ->
     images, kept, skipped = [], [], []
     for path in files:
         try:
-            image = io.read_image(path)
+            image = io.read_image(path, warn=warn)
         except AmortizeError as err:
             skipped.append((path, err.reason))
             warn(f"{path}: skipped, {err.reason}")

@@ -18,19 +18,24 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from amortize.config import DEFAULT_MAX_PIXELS
 from amortize.errors import BadArgument, BadInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+#: Temporary files of atomic writes: `.<name>.amortize-<pid>-<random>.tmp`, beside the target.
+TEMP_MARK = ".amortize-"
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None) -> np.ndarray:
     """Read an image as float32 RGB in [0, 1], shape (H, W, 3).
 
     Accepts PNG, JPEG and TIFF; 8- or 16-bit; grey, grey+alpha, RGB, RGBA or palette. Alpha
-    is dropped (micrographs carry no transparency).
+    is dropped (micrographs carry no transparency). Of a file with several pages or frames
+    (a TIFF stack) only the first is read, and `warn` (if given) gets one line saying so.
 
     Raises:
-        BadInput: missing, empty, truncated, not an image, an unsupported mode, or too small.
+        BadInput: missing, empty, truncated, not an image, an unsupported mode, too small,
+            or larger than `max_pixels` (its size is read from the header, before decoding).
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -40,7 +45,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if path.stat().st_size == 0:
         raise BadInput(path, "empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with _no_pillow_pixel_limit(), Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise BadInput(path, f"image is {w}x{h} px ({w * h / 1e6:.0f} MP), over the limit of "
+                                     f"{max_pixels / 1e6:.0f} MP (raise it with --max-pixels {w * h})")
+            pages = getattr(im, "n_frames", 1)
+            if pages > 1 and warn is not None:
+                warn(f"{path}: {pages} pages; only page 0 analysed")
             im.load()
             array = _to_float_rgb(im, path)
     except UnidentifiedImageError:
@@ -77,6 +89,18 @@ def _to_float_rgb(im: Image.Image, path: pathlib.Path) -> np.ndarray:
     return np.clip(a, 0.0, 1.0).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _no_pillow_pixel_limit() -> Iterator[None]:
+    """Pillow's own guard against decompression bombs off: `read_image` checks the size
+    itself, with a message that says how to go on, instead of Pillow's warning or error."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """[0, 1] float image -> uint8, rounding to nearest."""
     return np.clip(np.round(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
@@ -92,7 +116,7 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[pathli
     path = pathlib.Path(path)
     if path.exists() and not force:
         raise BadArgument(path, "already exists (use --force to overwrite)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = pathlib.Path(tmp)
     try:
@@ -103,6 +127,40 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[pathli
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of this process's temporary files for a target named `name`."""
+    return f".{name}{TEMP_MARK}{os.getpid()}-"
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Remove temporary files left in `folder` by a killed run (of a process that no longer
+    runs; other live processes' files are kept). Returns how many were removed."""
+    removed = 0
+    for path in pathlib.Path(folder).glob(f".*{TEMP_MARK}*.tmp"):
+        try:
+            pid = int(path.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _umask() -> int:
@@ -116,16 +174,25 @@ def write_bytes(path: str | os.PathLike, data: bytes, force: bool = False) -> No
         tmp.write_bytes(data)
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, force: bool = False) -> None:
-    """Write an (H, W, 3) [0, 1] float or uint8 image as an 8-bit PNG, atomically."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """An (H, W, 3) [0, 1] float or uint8 image encoded as an 8-bit PNG."""
     array = image if np.asarray(image).dtype == np.uint8 else to_uint8(image)
     buf = io.BytesIO()
     Image.fromarray(np.asarray(array)).save(buf, format="PNG")
-    write_bytes(path, buf.getvalue(), force)
+    return buf.getvalue()
+
+
+def json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray, force: bool = False) -> None:
+    """Write an (H, W, 3) [0, 1] float or uint8 image as an 8-bit PNG, atomically."""
+    write_bytes(path, png_bytes(image), force)
 
 
 def write_json(path: str | os.PathLike, data: dict, force: bool = False) -> None:
-    write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), force)
+    write_bytes(path, json_bytes(data), force)
 
 
 def table_to_csv(table: dict[str, np.ndarray]) -> str:

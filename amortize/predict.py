@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
 from amortize.autoscale import ScaleChoice, choose_scale
@@ -34,8 +33,10 @@ from amortize.droplets import Background
 from amortize.encoder import ALIGN, Encoder, decode_outputs, input_features, standardise, unmirror_raw
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.optics import default_optics_params
+from amortize.outputs import FilesRun, OutputSet, StopRequests, check_out_dir, plan, remove_if_empty, staged
 from amortize.overlay import draw_overlay
 from amortize.program_store import stored_jit
+from amortize.progress import progress_bar, report_above
 from amortize.readout import read_out
 from amortize.reconstruct import render_table, rmse
 from amortize.wake import fit_background
@@ -372,21 +373,6 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[pathlib.Pa
     return files, errors
 
 
-def output_targets(path: pathlib.Path, out: pathlib.Path, kinds: list[str],
-                   seen: dict[str, pathlib.Path], force: bool) -> dict[str, pathlib.Path]:
-    """`out/<stem>.<kind>` for each kind, after checking that no earlier input of this run
-    has the same stem and, without `force`, that none of them exists yet."""
-    stem = path.stem
-    if stem in seen:
-        raise BadInput(path, f"same output name as {seen[stem]} (rename one of them)")
-    targets = {kind: out / f"{stem}.{kind}" for kind in kinds}
-    if not force:
-        for t in targets.values():
-            if t.exists():
-                raise BadInput(t, "exists (use --force to overwrite)")
-    return targets
-
-
 def predict_files(
     inputs: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -397,8 +383,9 @@ def predict_files(
     progress: bool = True,
     report=print,
     reconstruction: bool = False,
-) -> tuple[int, list[AmortizeError]]:
-    """Predict every image and write its outputs; returns (images done, errors).
+    max_pixels: int = io.DEFAULT_MAX_PIXELS,
+) -> FilesRun:
+    """Predict every image and write its outputs; returns what was done (`FilesRun`).
 
     `scale` is input px per encoder px, or "auto" (`amortize.autoscale.choose_scale`):
     scale 1 unless the droplets are too small for the encoder and an enlarged image is
@@ -407,32 +394,65 @@ def predict_files(
 
     With `reconstruction`, also `<stem>.recon.png` (the decoder's rendering of the droplets
     found), `<stem>.residual.png` (0.5 + image - reconstruction) and `recon_rmse` in the JSON.
-    A bad input is reported through `report` (one line) and skipped; the rest still run.
+
+    An image's files appear together or not at all (`amortize.outputs`): without `force`,
+    images whose outputs are complete are skipped and incomplete ones redone. A bad input
+    is reported through `report` (one line) and skipped; the rest still run. SIGINT or
+    SIGTERM stops the run after the image at hand. `--out` is made only when an image's
+    outputs are written.
     """
     if not 0 < threshold < 1:
         raise BadArgument("--threshold", f"must be in (0, 1), got {threshold}")
     out = pathlib.Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BadArgument(out, "--out exists and is not a directory")
-    files, errors = collect_images(inputs)
-    for err in errors:
-        report(f"error: {err}")
-    out.mkdir(parents=True, exist_ok=True)
-    seen: dict[str, pathlib.Path] = {}
-    pending: list[tuple[pathlib.Path, list[pathlib.Path], np.ndarray]] = []
-    done = 0
+    existed = check_out_dir(out)
+    run = FilesRun()
+    report = report_above(report)
 
     def fail(path, err):
         if isinstance(err, BadArgument) and err.subject == "image":
             err = BadInput(path, err.reason)
-        errors.append(err)
+        run.errors.append(err)
         report(f"error: {err}")
 
+    if existed and io.remove_stale_temps(out):
+        report(f"note: {out}: removed temporary files of an interrupted run")
+    files, errors = collect_images(inputs)
+    for err in errors:
+        fail(None, err)
+    bar = progress_bar(total=len(files), enabled=progress and len(files) > 1, desc="predict", unit="img",
+                       leave=False)
+    kinds = ["csv", "overlay.png"] + (["recon.png", "residual.png"] if reconstruction else []) + ["json"]
+    settings = {"checkpoint": predictor.source, "checkpoint_step": predictor.step, "threshold": threshold,
+                "scale": scale, "reconstruction": reconstruction}
     auto = scale == AUTO
     fixed = None if auto else scale
+    seen: dict[str, pathlib.Path] = {}
+    pending: list[tuple[pathlib.Path, OutputSet, np.ndarray]] = []
+
+    def write(path, outputs, image, table):
+        choice = (choose_scale(predictor, image, threshold, table) if auto
+                  else ScaleChoice(fixed or 1.0, table, None, {}))
+        table = choice.table
+        meta = summary(table, image.shape[:2], predictor.n_types)
+        meta.update({"image": str(path), "checkpoint": predictor.source,
+                     "checkpoint_step": predictor.step, "threshold": threshold,
+                     "scale": choice.scale})
+        if auto:
+            meta["scale_search"] = {f"{s:g}": round(e, 6) for s, e in choice.tried.items()}
+        with staged(outputs):
+            if reconstruction:
+                recon = (choice.recon if choice.recon is not None
+                         else predictor.reconstruct(image, table, choice.scale))
+                meta["recon_rmse"] = round(rmse(image, recon), 6)
+                outputs.stage("recon.png", io.png_bytes(recon))
+                outputs.stage("residual.png", io.png_bytes(np.clip(0.5 + image - recon, 0.0, 1.0)))
+            outputs.stage("csv", io.table_to_csv(table).encode())
+            outputs.stage("overlay.png", io.png_bytes(draw_overlay(image, table)))
+            outputs.stage_json(meta)
+            outputs.commit()
+        run.done += 1
 
     def flush():
-        nonlocal done
         try:
             tables = predictor.predict_batch([im for _, _, im in pending], threshold, fixed)
         except AmortizeError:  # find the culprit image by image
@@ -443,48 +463,38 @@ def predict_files(
                 except AmortizeError as err:
                     fail(path, err)
                     tables.append(None)
-        for (path, targets, image), table in zip(pending, tables):
-            if table is None:
-                continue
-            try:
-                choice = (choose_scale(predictor, image, threshold, table) if auto
-                          else ScaleChoice(fixed or 1.0, table, None, {}))
-                table = choice.table
-                meta = summary(table, image.shape[:2], predictor.n_types)
-                meta.update({"image": str(path), "checkpoint": predictor.source,
-                             "checkpoint_step": predictor.step, "threshold": threshold,
-                             "scale": choice.scale})
-                if auto:
-                    meta["scale_search"] = {f"{s:g}": round(e, 6) for s, e in choice.tried.items()}
-                if reconstruction:
-                    recon = (choice.recon if choice.recon is not None
-                             else predictor.reconstruct(image, table, choice.scale))
-                    meta["recon_rmse"] = round(rmse(image, recon), 6)
-                    io.write_png(targets[3], recon, force=force)
-                    io.write_png(targets[4], np.clip(0.5 + image - recon, 0.0, 1.0), force=force)
-                io.write_table(targets[0], table, force=force)
-                io.write_png(targets[1], draw_overlay(image, table), force=force)
-                io.write_json(targets[2], meta, force=force)
-                done += 1
-            except AmortizeError as err:
-                fail(path, err)
+        for (path, outputs, image), table in zip(pending, tables):
+            if table is not None:
+                try:
+                    write(path, outputs, image, table)
+                except AmortizeError as err:
+                    fail(path, err)
+            bar.update()
         pending.clear()
 
-    bar = tqdm(files, desc="predict", unit="img", disable=not progress or len(files) < 2, leave=False)
-    for path in bar:
-        try:
-            kinds = ["csv", "overlay.png", "json"] + (["recon.png", "residual.png"] if reconstruction else [])
-            targets = list(output_targets(path, out, kinds, seen, force).values())
-            image = io.read_image(path)
-            seen[path.stem] = path
-        except AmortizeError as err:
-            fail(path, err)
-            continue
-        if pending and pending[0][2].shape != image.shape:
+    with StopRequests() as stop:
+        for path in files:
+            if stop.requested:
+                break
+            try:
+                outputs = OutputSet(out, path.stem, kinds, settings)
+                if not plan(path, outputs, seen, force, report):
+                    run.skipped += 1
+                    bar.update()
+                    continue
+                image = io.read_image(path, max_pixels, warn=lambda line: report(f"warning: {line}"))
+            except AmortizeError as err:
+                fail(path, err)
+                bar.update()
+                continue
+            if pending and pending[0][2].shape != image.shape:
+                flush()
+            pending.append((path, outputs, image))
+            if len(pending) == BATCH:
+                flush()
+        if pending and not stop.requested:  # images read but not yet predicted wait for the rerun
             flush()
-        pending.append((path, targets, image))
-        if len(pending) == BATCH:
-            flush()
-    if pending:
-        flush()
-    return done, errors
+        run.stopped = stop.requested
+    bar.close()
+    remove_if_empty(out, existed)
+    return run

@@ -760,7 +760,7 @@ def refine(
         fits: list[float] = []
         births, stopped_by, answer_step = 0, None, 0
         watch_fit = config.fit_stop == "always" or (config.fit_stop == "enlarged" and pool > 1)
-        bar = tqdm(total=config.steps, desc="refine", unit="step", disable=not progress, leave=False)
+        bar = tqdm(total=config.steps, desc="refine", unit="step", disable=None if progress else True, leave=False)
         for r in range(config.rounds):
             done = sum(len(v) for v in losses)
             if done >= config.steps:
@@ -1035,8 +1035,10 @@ def refine_files(
     force: bool = False,
     progress: bool = True,
     report=print,
-) -> tuple[int, list]:
-    """Refine every image and write its outputs; returns (images done, errors).
+    max_pixels: int | None = None,
+):
+    """Refine every image and write its outputs; returns what was done
+    (`amortize.outputs.FilesRun`).
 
     `scale` is input px per encoder px, or "auto" (the default, as in `predict_files`) to
     refine at the scale `predict --scale auto` chooses. On a copy enlarged 4x, SVI renders
@@ -1046,52 +1048,67 @@ def refine_files(
     composition medians, and standard deviations),
     `<stem>.recon.png`, `<stem>.residual.png` (0.5 + image - reconstruction),
     `<stem>.loss.png` and `<stem>.json` (recon_rmse before and after, steps, convergence,
-    wall time, device, and predict's summary of the refined table). A bad input is reported
-    through `report` (one line) and skipped; the rest still run.
+    wall time, device, and predict's summary of the refined table). Outputs, bad inputs,
+    reruns and interruptions behave as in `predict_files`.
     """
     from amortize import io
     from amortize.errors import AmortizeError, BadInput
+    from amortize.outputs import FilesRun, OutputSet, StopRequests, check_out_dir, plan, remove_if_empty, staged
     from amortize.plots import line_plot
-    from amortize.predict import collect_images, output_targets, summary
+    from amortize.predict import collect_images, summary
+    from amortize.progress import report_above
 
     out = pathlib.Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BadArgument(out, "--out exists and is not a directory")
+    existed = check_out_dir(out)
     pick_device(device)  # a bad --device fails before any work
+    run = FilesRun()
+    report = report_above(report)
+    if existed and io.remove_stale_temps(out):
+        report(f"note: {out}: removed temporary files of an interrupted run")
     files, errors = collect_images(inputs)
     for err in errors:
+        run.errors.append(err)
         report(f"error: {err}")
-    out.mkdir(parents=True, exist_ok=True)
+    kinds = ["csv", "recon.png", "residual.png", "loss.png", "json"]
+    settings = {"checkpoint": predictor.source, "checkpoint_step": predictor.step, "scale": scale,
+                "config": dataclasses.asdict(config)}
     seen: dict[str, pathlib.Path] = {}
-    done = 0
-    for path in files:
-        try:
-            stem = path.stem
-            targets = output_targets(path, out, ["csv", "recon.png", "residual.png", "loss.png", "json"],
-                                     seen, force)
-            image = io.read_image(path)
-            seen[stem] = path
+    with StopRequests() as stop:
+        for path in files:
+            if stop.requested:
+                break
             try:
-                result = refine(image, predictor, config=config, scale=scale, device=device,
-                                progress=progress)
-            except BadArgument as err:
-                if err.subject == "image":
-                    raise BadInput(path, err.reason) from None
-                raise
-            meta = summary(result.table, image.shape[:2], predictor.n_types)
-            meta.update(result.summary())
-            meta.update({"image": str(path), "checkpoint": predictor.source,
-                         "checkpoint_step": predictor.step, "scale": result.scale,
-                         "config": dataclasses.asdict(config)})
-            if scale == AUTO:
-                meta["scale_search"] = {f"{k:g}": round(e, 6) for k, e in result.scale_search.items()}
-            io.write_table(targets["csv"], result.table, force=force)
-            io.write_png(targets["recon.png"], result.recon_after, force=force)
-            io.write_png(targets["residual.png"], np.clip(0.5 + image - result.recon_after, 0, 1), force=force)
-            io.write_png(targets["loss.png"], line_plot(result.losses, f"{stem}: negative ELBO"), force=force)
-            io.write_json(targets["json"], meta, force=force)
-            done += 1
-        except AmortizeError as err:
-            errors.append(err)
-            report(f"error: {err}")
-    return done, errors
+                outputs = OutputSet(out, path.stem, kinds, settings)
+                if not plan(path, outputs, seen, force, report):
+                    run.skipped += 1
+                    continue
+                image = io.read_image(path, max_pixels or io.DEFAULT_MAX_PIXELS,
+                                      warn=lambda line: report(f"warning: {line}"))
+                try:
+                    result = refine(image, predictor, config=config, scale=scale, device=device,
+                                    progress=progress)
+                except BadArgument as err:
+                    if err.subject == "image":
+                        raise BadInput(path, err.reason) from None
+                    raise
+                meta = summary(result.table, image.shape[:2], predictor.n_types)
+                meta.update(result.summary())
+                meta.update({"image": str(path), "checkpoint": predictor.source,
+                             "checkpoint_step": predictor.step, "scale": result.scale,
+                             "config": dataclasses.asdict(config)})
+                if scale == AUTO:
+                    meta["scale_search"] = {f"{k:g}": round(e, 6) for k, e in result.scale_search.items()}
+                with staged(outputs):
+                    outputs.stage("csv", io.table_to_csv(result.table).encode())
+                    outputs.stage("recon.png", io.png_bytes(result.recon_after))
+                    outputs.stage("residual.png", io.png_bytes(np.clip(0.5 + image - result.recon_after, 0, 1)))
+                    outputs.stage("loss.png", io.png_bytes(line_plot(result.losses, f"{path.stem}: negative ELBO")))
+                    outputs.stage_json(meta)
+                    outputs.commit()
+                run.done += 1
+            except AmortizeError as err:
+                run.errors.append(err)
+                report(f"error: {err}")
+        run.stopped = stop.requested
+    remove_if_empty(out, existed)
+    return run

@@ -160,7 +160,7 @@ def write_simulation(
     start = time.perf_counter()
     files, total_overflow = [], 0
     scenes = iter_simulation(n, size, seed, config)
-    bar = tqdm(scenes, total=n, desc="simulate", unit="img", disable=not progress, leave=False)
+    bar = tqdm(scenes, total=n, desc="simulate", unit="img", disable=None if progress else True, leave=False)
     for i, image, table, _, over in bar:
         stem = f"scene_{i:0{digits}d}"
         io.write_png(out / f"{stem}.png", image, force=True)

@@ -33,7 +33,7 @@ import optax
 from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
-from amortize.config import SimulationConfig, _check, from_dict, to_dict
+from amortize.config import SimulationConfig, _check, check_types, config_from_file, from_dict, to_dict
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.droplets import to_table
 from amortize.encoder import EncoderConfig, encode, init_encoder
@@ -94,7 +94,9 @@ class TrainConfig:
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        _check(self.seed >= 0, "seed", "must be >= 0")
         _check(self.optics_jitter >= 0, "optics_jitter", "must be >= 0")
         unknown = sorted(set(self.looks) - set(LOOKS))
         _check(not unknown, "looks", f"unknown {unknown}; choose from {sorted(LOOKS)}")
@@ -121,6 +123,7 @@ class RunConfig:
         scene = self.simulation.scene
         _check(self.encoder.n_types == scene.n_types, "encoder.n_types", f"must equal simulation.scene.n_types ({scene.n_types})")
         _check(self.encoder.channels == scene.channels, "encoder.channels", f"must equal simulation.scene.channels ({scene.channels})")
+        _check(self.readout.seed >= 0, "readout.seed", "must be >= 0")
 
     @classmethod
     def tiny(cls) -> "RunConfig":
@@ -128,7 +131,12 @@ class RunConfig:
 
 
 def load_recipe(path: str | pathlib.Path) -> RunConfig:
-    """Parse a TOML recipe ([simulation.*], [encoder], [train], [readout] tables; all optional)."""
+    """Parse a TOML recipe ([simulation.*], [encoder], [train], [readout] tables; all optional).
+
+    Every field's type and range is checked here, before any workdir exists: a bad one is a
+    `amortize.config.BadRecipe` (a `BadArgument` and a `BadInput`) naming the file, table and
+    field.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise BadInput(path, "recipe not found" if not path.exists() else "recipe must be a file")
@@ -136,12 +144,7 @@ def load_recipe(path: str | pathlib.Path) -> RunConfig:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise BadInput(path, f"not valid TOML ({err})") from None
-    try:
-        return from_dict(RunConfig, data)
-    except BadArgument as err:
-        raise BadInput(path, f"{err.subject}: {err.reason}") from None
-    except TypeError as err:
-        raise BadInput(path, f"bad value ({err})") from None
+    return config_from_file(RunConfig, data, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,25 +272,30 @@ LATER_STATE = ("readout", "decoder_opt")
 
 
 def resume(mgr, state: dict, workdir: pathlib.Path) -> tuple[dict, dict | None]:
-    """(state, saved config) from the workdir's latest checkpoint, or (state, None) if none."""
-    latest = mgr.latest_step()
-    if latest is None:
-        return state, None
-    try:
-        return checkpoint.restore(mgr, latest, "state", target=state)
-    except Exception as err:
-        later = {k: v for k, v in state.items() if k in LATER_STATE}
-        if later:
-            # Perhaps a run saved before its recipe had these parts (a read-out, the final
-            # optics fit): the rest as saved, the new parts fresh.
-            try:
-                earlier = {k: v for k, v in state.items() if k not in LATER_STATE}
-                restored, config = checkpoint.restore(mgr, latest, "state", target=earlier)
-                return {**restored, **later}, config
-            except Exception:
-                pass
-        raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(latest),
-                       f"cannot resume from this checkpoint ({checkpoint._short(err)})") from None
+    """(state, saved config) from the workdir's newest intact checkpoint, or (state, None) if
+    it has none. A newer step that cannot be read is set aside with one warning and the run
+    resumes from the one before (`checkpoint.latest_intact`); BadInput if none can be read."""
+
+    def read(step: int) -> tuple[dict, dict]:
+        try:
+            return checkpoint.restore(mgr, step, "state", target=state)
+        except Exception as err:
+            later = {k: v for k, v in state.items() if k in LATER_STATE}
+            if later:
+                # Perhaps a run saved before its recipe had these parts (a read-out, the final
+                # optics fit): the rest as saved, the new parts fresh.
+                try:
+                    earlier = {k: v for k, v in state.items() if k not in LATER_STATE}
+                    restored, config = checkpoint.restore(mgr, step, "state", target=earlier)
+                    return {**restored, **later}, config
+                except Exception:
+                    pass
+            raise BadInput(workdir / checkpoint.CHECKPOINT_SUBDIR / str(step),
+                           f"cannot resume from this checkpoint ({checkpoint._cause(err)})") from None
+
+    # The damaged step must leave orbax's sight: this run saves that step number again.
+    found = checkpoint.latest_intact(mgr, read, set_aside_or_fail=True)
+    return (state, None) if found is None else found[1]
 
 
 def finite_metrics(metrics: dict, where: str, mgr, workdir: pathlib.Path) -> dict[str, float]:
@@ -345,26 +353,44 @@ def _same_run(saved: dict, resolved: dict, config_type) -> bool:
 
 
 def prepare_workdir(workdir: pathlib.Path, run: RunConfig) -> dict:
-    """Create the workdir, or check that an existing one belongs to this recipe."""
+    """Create the workdir, or check that an existing one belongs to this recipe.
+
+    Everything is checked before anything is created or written. A config.json with no
+    checkpoint beside it is a run that stopped before its first checkpoint (a bad argument
+    found late, a crash): there is nothing to resume, so the recipe's config replaces it
+    rather than being refused as a different run.
+    """
     resolved = to_dict(run)
+    plain = json.loads(json.dumps(resolved))  # as config.json holds it
     config_file = workdir / "config.json"
     if workdir.exists() and not workdir.is_dir():
         raise BadArgument(workdir, "--workdir exists and is not a directory")
     if config_file.exists():
         try:
             saved = json.loads(config_file.read_text())
-        except json.JSONDecodeError:
-            raise BadInput(config_file, "unreadable config.json in the workdir") from None
-        if not _same_run(saved, resolved, type(run)):
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            saved = None
+            if _holds_checkpoint(workdir):
+                raise BadInput(config_file, "unreadable config.json in the workdir") from None
+        if saved is not None and not _same_run(saved, resolved, type(run)) and _holds_checkpoint(workdir):
             raise BadArgument(
                 workdir, "holds a run with a different config; use a new --workdir to start over"
             )
-        if saved != json.loads(json.dumps(resolved)):
-            io.write_json(config_file, resolved, force=True)  # now with the fields it lacked
+        if saved != plain:
+            io.write_json(config_file, resolved, force=True)  # with the fields it lacked, or anew
     else:
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise BadArgument(workdir, f"cannot create the workdir ({err.strerror or err})") from None
         io.write_json(config_file, resolved, force=True)
     return resolved
+
+
+def _holds_checkpoint(workdir: pathlib.Path) -> bool:
+    """Whether the workdir has a finished checkpoint step (orbax names them by the step)."""
+    directory = workdir / checkpoint.CHECKPOINT_SUBDIR
+    return directory.is_dir() and any(p.name.isdigit() and p.is_dir() for p in directory.iterdir())
 
 
 def train(
@@ -388,6 +414,7 @@ def train(
             that simulate a crash.
     """
     workdir = pathlib.Path(workdir)
+    check_types(run)  # a recipe built in code: nothing is created before it is checked
     resolved = prepare_workdir(workdir, run)
     if optics_params is None:
         optics_params = default_optics_params(run.simulation.scene.n_types, run.simulation.scene.channels)
@@ -396,7 +423,13 @@ def train(
     mgr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_SUBDIR)
     cfg = run.train
     state = init_state(run)
-    state, _ = resume(mgr, state, workdir)
+    try:
+        state, _ = resume(mgr, state, workdir)
+    except BaseException:
+        mgr.close()
+        if own_writer:
+            writer.close()
+        raise
     start = int(state["step"])
     step_fn = make_train_step(run, optics_params)
     data_key, preview_key = _keys(cfg.seed)

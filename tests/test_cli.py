@@ -157,6 +157,26 @@ def test_predict_bad_inputs_one_line_each_and_exit_1(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "good.csv").exists()
 
 
+def test_predict_a_huge_image_is_one_line_and_the_rest_still_run(tmp_path, tiny_model_dir):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("1", (20000, 20000)).save(folder / "huge.png")  # 400 MP, a few kB on disk
+    io.write_png(folder / "good.png", np.random.default_rng(0).uniform(size=(40, 40, 3)))
+    stack = [Image.new("L", (48, 40), 128), Image.new("L", (48, 40), 20)]
+    stack[0].save(folder / "stack.tif", save_all=True, append_images=stack[1:])
+    out = tmp_path / "out"
+    res = run("predict", str(folder), "--out", str(out), "--checkpoint", str(tiny_model_dir), "--quiet")
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2, res.stderr
+    assert "huge.png" in lines[0] and "20000x20000" in lines[0] and "--max-pixels" in lines[0]
+    assert "stack.tif" in lines[1] and "2 pages; only page 0 analysed" in lines[1]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{stem}.{kind}" for stem in ("good", "stack") for kind in ("csv", "json", "overlay.png"))
+
+
 @pytest.mark.parametrize("make", ["missing", "empty", "corrupt"])
 def test_predict_bad_checkpoint_is_one_line(tmp_path, make):
     ckpt = tmp_path / "ckpt"
@@ -211,10 +231,12 @@ def test_refine_round_trip_bad_inputs_and_no_overwrite(tmp_path, tiny_model_dir,
     store = pathlib.Path(os.environ["AMORTIZE_CACHE_DIR"]) / "programs"
     stored = {p.name: p.stat().st_mtime_ns for p in store.glob("*.program")}
     assert stored
-    # Existing outputs are kept unless --force.
+    # Complete outputs of the same settings are skipped; of other settings, kept unless --force.
     before = (out / "good.csv").read_bytes()
-    res = run("refine", str(good), *args, "--quiet")
-    assert res.returncode == 1 and "--force" in res.stderr
+    res = run("refine", str(good), *args)
+    assert res.returncode == 0 and "1 skipped" in res.stdout and not res.stderr, res.stderr
+    res = run("refine", str(good), *["9" if a == "10" else a for a in args], "--quiet")  # --steps 9
+    assert res.returncode == 1 and "other settings" in res.stderr and "--force" in res.stderr, res.stderr
     assert (out / "good.csv").read_bytes() == before
     (out / "good.csv").write_text("stale")
     res = run("refine", str(good), *args, "--quiet", "--force")
@@ -401,3 +423,67 @@ def test_the_package_exports_its_public_names_on_first_use():
         assert getattr(amortize, name) is not None
     with pytest.raises(AttributeError, match="no_such_name"):
         amortize.no_such_name  # noqa: B018
+
+
+def test_predict_killed_at_random_moments_leaves_every_image_complete_or_absent(tmp_path, tiny_model_dir):
+    """kill -9 a folder run five times, at random moments while it writes; after each, every
+    image has all its outputs or none (a kill between two renames, microseconds apart, could
+    leave one incomplete: a later run redoes it), and a rerun without --force finishes."""
+    import signal
+    import time
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(20):
+        io.write_png(src / f"im{i:02d}.png", rng.uniform(size=(40, 40 + 8 * (i % 3), 3)))
+    cmd = [sys.executable, "-m", "amortize.cli", "predict", str(src), "--checkpoint", str(tiny_model_dir),
+           "--quiet"]
+    kinds = ("csv", "overlay.png", "json")
+
+    def names(out):
+        return {p.name for p in out.iterdir()} if out.exists() else set()
+
+    def run_until_it_writes(out, *extra):
+        """Start a run; return it and the seconds from start to its first new file."""
+        before, start = names(out), time.perf_counter()
+        proc = subprocess.Popen(cmd + ["--out", str(out), *extra], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        while proc.poll() is None and names(out) == before:
+            time.sleep(0.005)
+        return proc, time.perf_counter() - start
+
+    def complete(out):
+        found = names(out)
+        done = 0
+        for i in range(20):
+            present = [f"im{i:02d}.{k}" in found for k in kinds]
+            assert all(present) or not any(present), (i, sorted(found))
+            done += all(present)
+        return done
+
+    whole = tmp_path / "whole"
+    assert subprocess.run(cmd + ["--out", str(whole)], capture_output=True, timeout=300).returncode == 0
+    # How long writing the 20 images takes once every program is compiled: a warm rerun.
+    last = (whole / "im19.json").stat().st_mtime_ns
+    proc, _ = run_until_it_writes(whole, "--force")
+    start = time.perf_counter()
+    while proc.poll() is None and (whole / "im19.json").stat().st_mtime_ns == last:
+        time.sleep(0.002)
+    writing = time.perf_counter() - start
+    assert proc.wait(timeout=300) == 0
+    out, counts = tmp_path / "out", []
+    moments = rng.uniform(0.0, writing, 5)
+    for moment in moments:
+        proc, _ = run_until_it_writes(out)
+        time.sleep(moment)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        counts.append(complete(out))
+    assert any(0 < n < 20 for n in counts), counts  # some kill came mid-folder
+    res = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert complete(out) == 20
+    assert names(out) == {f"im{i:02d}.{k}" for i in range(20) for k in kinds}  # no *.tmp left
+    for i in range(20):  # the same answers as the uninterrupted run
+        assert (out / f"im{i:02d}.csv").read_bytes() == (tmp_path / "whole" / f"im{i:02d}.csv").read_bytes()

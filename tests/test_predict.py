@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -129,29 +131,77 @@ def test_predict_files_outputs_and_bad_inputs(tiny, tmp_path):
     _write(src / "dot.png", np.zeros((1, 1, 3), np.uint8))
     out = tmp_path / "out"
     lines = []
-    done, errors = predict_files([src, tmp_path / "missing.png"], out, tiny, progress=False,
-                                 report=lines.append)
-    assert done == 3
-    assert len(errors) == 4 and len(lines) == 4
+    run = predict_files([src, tmp_path / "missing.png"], out, tiny, progress=False, report=lines.append)
+    assert run.done == 3 and run.exit_code == 1
+    assert len(run.errors) == 4 and len(lines) == 4
     assert all("\n" not in line for line in lines)
     assert any("empty.png" in line for line in lines) and any("missing.png" in line for line in lines)
     for stem in ("a", "b", "c"):
         assert (out / f"{stem}.csv").exists() and (out / f"{stem}.overlay.png").exists()
         assert (out / f"{stem}.json").exists()
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
-    # Nothing is overwritten without force.
-    done, errors = predict_files([src / "a.png"], out, tiny, progress=False, report=lines.append)
-    assert done == 0 and "exists" in str(errors[0])
-    done, errors = predict_files([src / "a.png"], out, tiny, progress=False, force=True,
-                                 report=lines.append)
-    assert done == 1 and not errors
+    # Complete outputs are skipped, not recomputed; other settings are refused without force.
+    stamp = (out / "a.csv").stat().st_mtime_ns
+    run = predict_files([src / "a.png"], out, tiny, progress=False, report=lines.append)
+    assert (run.done, run.skipped, run.errors, run.exit_code) == (0, 1, [], 0)
+    assert (out / "a.csv").stat().st_mtime_ns == stamp
+    run = predict_files([src / "a.png"], out, tiny, threshold=0.5, progress=False, report=lines.append)
+    assert run.done == 0 and "other settings" in str(run.errors[0]) and "a.json" in str(run.errors[0])
+    run = predict_files([src / "a.png"], out, tiny, threshold=0.5, progress=False, force=True,
+                        report=lines.append)
+    assert run.done == 1 and not run.errors
+    assert json.loads((out / "a.json").read_text())["threshold"] == 0.5
+
+
+def test_incomplete_outputs_and_leftover_temporary_files_are_redone(tiny, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        _write(src / f"{name}.png", np.random.default_rng(5).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert predict_files([src], out, tiny, progress=False).done == 2
+    want = {p.name: p.read_bytes() for p in out.iterdir()}
+    # As a kill between two renames leaves it: a.csv renamed, a.json not; and a dead
+    # process's temporary file.
+    (out / "a.json").unlink()
+    (out / "a.overlay.png").write_bytes(b"stale")
+    (out / ".b.csv.amortize-999999999-x1.tmp").write_bytes(b"half")
+    lines = []
+    run = predict_files([src], out, tiny, progress=False, report=lines.append)
+    assert (run.done, run.skipped, run.errors) == (1, 1, [])
+    assert any("interrupted" in line and "a.png" in line for line in lines)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == want
+
+
+def test_stop_requests_end_a_folder_run_between_images(tiny, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from amortize import outputs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _write(src / f"{i}.png", np.random.default_rng(i).integers(0, 255, (40, 48 + 8 * i, 3), dtype=np.uint8))
+    real_stage_json = outputs.OutputSet.stage_json
+
+    def stage_json_then_signal(self, meta):  # SIGTERM arrives while image 0 is written
+        real_stage_json(self, meta)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(outputs.OutputSet, "stage_json", stage_json_then_signal)
+    handler = signal.getsignal(signal.SIGTERM)
+    run = predict_files([src], tmp_path / "out", tiny, progress=False)
+    assert run.stopped == "SIGTERM" and run.done == 1 and run.exit_code == 143
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.csv", "0.json", "0.overlay.png"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
 
 
 def test_empty_directory(tiny, tmp_path):
     (tmp_path / "none").mkdir()
-    done, errors = predict_files([tmp_path / "none"], tmp_path / "out", tiny, progress=False,
-                                 report=lambda _: None)
-    assert done == 0 and isinstance(errors[0], BadInput) and "no PNG" in str(errors[0])
+    run = predict_files([tmp_path / "none"], tmp_path / "out", tiny, progress=False, report=lambda _: None)
+    assert run.done == 0 and isinstance(run.errors[0], BadInput) and "no PNG" in str(run.errors[0])
+    assert not (tmp_path / "out").exists()  # nothing succeeded: no output folder
 
 
 def test_missing_checkpoint(tmp_path):

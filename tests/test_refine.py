@@ -277,9 +277,9 @@ def test_refine_files_auto_scale_refines_at_the_chosen_scale(predictor, tmp_path
     # The odd-size test's image and set-up (coarse steps included): the same SVI programs.
     io.write_png(tmp_path / "a.png", scene(predictor, noise=0.01)[:47, :45])
     short = dataclasses.replace(CONFIG, steps=10, coarse_steps=5)
-    done, errors = refinement.refine_files([tmp_path / "a.png"], tmp_path / "out", predictor, config=short,
-                                           scale="auto", device="cpu", progress=False)
-    assert (done, errors) == (1, []) and seen == [(47, 45, 3)]
+    run = refinement.refine_files([tmp_path / "a.png"], tmp_path / "out", predictor, config=short,
+                                  scale="auto", device="cpu", progress=False)
+    assert (run.done, run.errors) == (1, []) and seen == [(47, 45, 3)]
     meta = json.loads((tmp_path / "out" / "a.json").read_text())
     assert meta["scale"] == 0.5 and meta["scale_search"] == {"1": 0.06, "0.5": 0.04}
     # The search's answer at the chosen scale is the start (predict is not run again).

@@ -1,0 +1,204 @@
+"""One input's output files, which appear all together or not at all.
+
+`predict` and `refine` write several files per image (a table, pictures, a JSON summary). A
+run killed between two of them would leave an image half done, and a rerun could not tell
+it from a finished one. So each image's files are first written under temporary names
+beside their targets, then renamed into place one by one, the JSON summary last: an image
+whose JSON is there (with every other file) is complete; one with some files but not all
+was interrupted, and is redone.
+
+A rerun without `--force` skips complete images made with the same settings, redoes
+incomplete ones and refuses to replace complete ones made with other settings (a model, a
+threshold or a scale that differ), which `--force` overwrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import tempfile
+import threading
+from typing import Iterator
+
+from amortize import io
+from amortize.errors import BadArgument, BadInput
+
+@dataclasses.dataclass
+class FilesRun:
+    """What a folder run did: images written, images skipped (complete from an earlier run),
+    errors (one per failed input), and the signal that stopped it early, if any."""
+
+    done: int = 0
+    skipped: int = 0
+    errors: list = dataclasses.field(default_factory=list)
+    stopped: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's: 130 or 143 if stopped by SIGINT or SIGTERM, 1 if an input failed or
+        none was done, else 0."""
+        if self.stopped:
+            return 128 + int(getattr(signal, self.stopped))
+        return 1 if self.errors or self.done + self.skipped == 0 else 0
+
+
+#: What `OutputSet.status` finds.
+ABSENT, PARTIAL, COMPLETE, OTHER_SETTINGS = "absent", "partial", "complete", "other settings"
+
+
+class OutputSet:
+    """The files `<out>/<stem>.<kind>` of one input (the last kind must be "json").
+
+    Args:
+        out: the output folder (made when the first file is staged).
+        stem: the input's name without its suffix.
+        kinds: file kinds, e.g. ["csv", "overlay.png", "json"].
+        settings: what decides the outputs' content, kept in the JSON under "settings";
+            complete outputs with other settings are not skipped.
+    """
+
+    def __init__(self, out: pathlib.Path, stem: str, kinds: list[str], settings: dict):
+        if kinds[-1] != "json":
+            raise ValueError("the JSON summary must be the last output")
+        self.out = pathlib.Path(out)
+        self.targets = {kind: self.out / f"{stem}.{kind}" for kind in kinds}
+        self.settings = json.loads(json.dumps(settings))  # as it will read back
+        self._staged: dict[str, pathlib.Path] = {}
+
+    def status(self) -> str:
+        """ABSENT (no file), PARTIAL (some, or an unreadable JSON), COMPLETE (every file,
+        the same settings) or OTHER_SETTINGS (every file, other settings)."""
+        present = [path.exists() for path in self.targets.values()]
+        if not any(present):
+            return ABSENT
+        if not all(present):
+            return PARTIAL
+        try:
+            meta = json.loads(self.targets["json"].read_text())
+        except (OSError, ValueError):
+            return PARTIAL
+        return COMPLETE if isinstance(meta, dict) and meta.get("settings") == self.settings else OTHER_SETTINGS
+
+    def stage(self, kind: str, data: bytes) -> None:
+        """Write one file's content under a temporary name beside its target."""
+        target = self.targets[kind]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=io.temp_prefix(target.name), suffix=".tmp", dir=target.parent)
+        self._staged[kind] = pathlib.Path(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def stage_json(self, meta: dict) -> None:
+        self.stage("json", io.json_bytes({**meta, "settings": self.settings}))
+
+    def commit(self) -> None:
+        """Rename every staged file into place, the JSON last (the mark of completion)."""
+        if set(self._staged) != set(self.targets):
+            missing = ", ".join(sorted(set(self.targets) - set(self._staged)))
+            raise ValueError(f"outputs not staged: {missing}")
+        mode = 0o666 & ~io._umask()
+        for kind, target in self.targets.items():
+            os.chmod(self._staged[kind], mode)  # mkstemp makes files private
+            os.replace(self._staged.pop(kind), target)
+
+    def discard(self) -> None:
+        """Remove whatever was staged and not committed."""
+        for tmp in self._staged.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._staged.clear()
+
+
+def plan(path: pathlib.Path, outputs: OutputSet, seen: dict[str, pathlib.Path], force: bool,
+         report) -> bool:
+    """Whether `path` must be computed: False for complete outputs of the same settings
+    (skipped), True otherwise; incomplete outputs are redone and `report` gets a line.
+
+    Raises:
+        BadInput: an earlier input of this run has the same stem, or complete outputs made
+            with other settings exist and `force` is False.
+    """
+    stem = outputs.targets["json"].name[: -len(".json")]
+    if stem in seen:
+        raise BadInput(path, f"same output name as {seen[stem]} (rename one of them)")
+    seen[stem] = path
+    if force:
+        return True
+    status = outputs.status()
+    if status == COMPLETE:
+        return False
+    if status == OTHER_SETTINGS:
+        raise BadInput(outputs.targets["json"], "exists from a run with other settings "
+                                                "(use --force to overwrite)")
+    if status == PARTIAL:
+        report(f"note: {path}: outputs of an interrupted run are incomplete; redoing them")
+    return True
+
+
+def check_out_dir(out: pathlib.Path) -> bool:
+    """Reject an --out that cannot be a folder, before any work; returns whether it exists.
+
+    Raises:
+        BadArgument: it is a file, or lies under one, or cannot be written.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise BadArgument(out, "--out exists and is not a directory")
+        parent = out
+    else:
+        parent = next(p for p in out.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise BadArgument(out, f"{parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadArgument(out, "output directory is not writable")
+    return out.exists()
+
+
+def remove_if_empty(out: pathlib.Path, existed: bool) -> None:
+    """Remove an --out folder this run made and left empty (every input failed)."""
+    if not existed:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+class StopRequests:
+    """SIGINT and SIGTERM ask a folder run to stop after the image at hand (a second one
+    stops at once); elsewhere than in the main thread, signals keep their handlers.
+
+        with StopRequests() as stop:
+            for path in files:
+                if stop.requested:
+                    break
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:  # the second: stop now (what was staged is discarded)
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def staged(outputs: OutputSet) -> Iterator[OutputSet]:
+    """`outputs`, whose staged files are removed if the block does not commit them."""
+    try:
+        yield outputs
+    finally:
+        outputs.discard()
