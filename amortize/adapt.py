@@ -50,7 +50,7 @@ from amortize.encoder import EncoderConfig, encode
 from amortize.errors import BadInput
 from amortize.prior_fit import prior_summary, refit_scene
 from amortize.train import (
-    RunConfig, TrainConfig, finite_metrics, make_train_step, prepare_workdir, resume,
+    RunConfig, TrainConfig, finite_metrics, make_train_step, prepare_workdir, resume_or_close,
 )
 from amortize.reconstruct import reconstruct_cells
 from amortize.wake import WakeConfig, elbo_parts, fit_background, interior_mask
@@ -397,13 +397,7 @@ def adapt(
     state["decoder_opt"] = optax.adam(cfg.decoder_fit_learning_rate).init(init_optics)
     if cfg.encoder_frozen and init_readout is not None:
         state["readout"] = init_readout
-    try:
-        state, saved = resume(mgr, state, workdir)
-    except BaseException:
-        mgr.close()
-        if own_writer:
-            writer.close()
-        raise
+    state, saved = resume_or_close(mgr, state, workdir, writer if own_writer else None)
     scene = run.simulation.scene if saved is None else from_dict(SceneConfig, saved["simulation"]["scene"])
     start = int(state["step"])
     n_crops = corpus.n_crops(run.wake.crop)

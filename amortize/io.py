@@ -12,7 +12,9 @@ import io
 import json
 import os
 import pathlib
+import re
 import tempfile
+import time
 from typing import Iterator
 
 import numpy as np
@@ -134,18 +136,30 @@ def temp_prefix(name: str) -> str:
     return f".{name}{TEMP_MARK}{os.getpid()}-"
 
 
+#: Temporary files of versions before the writer's pid was in the name: `.<name>.<8 chars>.tmp`.
+_LEGACY_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+#: Age (s) past which such a file, whose writer cannot be known, is taken as left behind.
+LEGACY_TEMP_AGE_S = 600
+
+
 def remove_stale_temps(folder: str | os.PathLike) -> int:
     """Remove temporary files left in `folder` by a killed run (of a process that no longer
-    runs; other live processes' files are kept). Returns how many were removed."""
+    runs; other live processes' files are kept; files of earlier versions, which do not
+    name their process, once `LEGACY_TEMP_AGE_S` old). Returns how many were removed."""
     removed = 0
-    for path in pathlib.Path(folder).glob(f".*{TEMP_MARK}*.tmp"):
-        try:
-            pid = int(path.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0])
-        except ValueError:
+    for path in pathlib.Path(folder).glob(".*.tmp"):
+        if TEMP_MARK in path.name:
+            try:
+                pid = int(path.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0])
+            except ValueError:
+                continue
+            if pid != os.getpid() and _alive(pid):
+                continue
+        elif not _LEGACY_TEMP.match(path.name):
             continue
-        if pid != os.getpid() and _alive(pid):
-            continue
         try:
+            if TEMP_MARK not in path.name and time.time() - path.stat().st_mtime < LEGACY_TEMP_AGE_S:
+                continue
             path.unlink()
             removed += 1
         except OSError:

@@ -298,6 +298,18 @@ def resume(mgr, state: dict, workdir: pathlib.Path) -> tuple[dict, dict | None]:
     return (state, None) if found is None else found[1]
 
 
+def resume_or_close(mgr, state: dict, workdir: pathlib.Path, writer=None) -> tuple[dict, dict | None]:
+    """`resume`, closing `mgr` (and `writer`, when given: one the run opened itself) if it
+    fails, so that a run that cannot start leaves nothing open."""
+    try:
+        return resume(mgr, state, workdir)
+    except BaseException:
+        mgr.close()
+        if writer is not None:
+            writer.close()
+        raise
+
+
 def finite_metrics(metrics: dict, where: str, mgr, workdir: pathlib.Path) -> dict[str, float]:
     """Metrics as floats; a one-line NonFinite naming the last good checkpoint otherwise."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -423,13 +435,7 @@ def train(
     mgr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_SUBDIR)
     cfg = run.train
     state = init_state(run)
-    try:
-        state, _ = resume(mgr, state, workdir)
-    except BaseException:
-        mgr.close()
-        if own_writer:
-            writer.close()
-        raise
+    state, _ = resume_or_close(mgr, state, workdir, writer if own_writer else None)
     start = int(state["step"])
     step_fn = make_train_step(run, optics_params)
     data_key, preview_key = _keys(cfg.seed)

@@ -117,3 +117,44 @@ def test_outputs_get_umask_permissions_not_private(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
+
+
+def test_stale_temporary_files_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        names = {
+            f".a.csv{io.TEMP_MARK}999999999-x1.tmp": False,  # a dead process's: removed
+            f".a.json{io.TEMP_MARK}{live.pid}-x2.tmp": True,  # a running process's: kept
+            f".a.png{io.TEMP_MARK}{os.getpid()}-x3.tmp": False,  # this process's own: removed
+            ".b.csv.k2f9x1qa.tmp": False,  # an earlier version's, an hour old: removed
+            ".c.csv.q8w7e6r5.tmp": True,  # an earlier version's, just written: kept
+            ".notes.tmp": True,  # not ours
+            "b.csv": True,
+        }
+        for name in names:
+            (tmp_path / name).write_text("x")
+        old = time.time() - 3600
+        os.utime(tmp_path / ".b.csv.k2f9x1qa.tmp", (old, old))
+        assert io.remove_stale_temps(tmp_path) == 3
+        assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_huge_and_multi_page_images(tmp_path):
+    Image.new("1", (3000, 2000)).save(tmp_path / "big.png")
+    with pytest.raises(BadInput, match=r"3000x2000 px .* over the limit .*--max-pixels 6000000"):
+        io.read_image(tmp_path / "big.png", max_pixels=5_000_000)
+    assert io.read_image(tmp_path / "big.png", max_pixels=6_000_000).shape == (2000, 3000, 3)
+    pages = [Image.new("L", (8, 6), 10), Image.new("L", (8, 6), 200), Image.new("L", (8, 6), 90)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    lines = []
+    image = io.read_image(tmp_path / "stack.tif", warn=lines.append)
+    assert lines == [f"{tmp_path / 'stack.tif'}: 3 pages; only page 0 analysed"]
+    np.testing.assert_allclose(image, 10 / 255, atol=1e-6)
