@@ -167,7 +167,8 @@ def remove_if_empty(out: pathlib.Path, existed: bool) -> None:
 
 class StopRequests:
     """SIGINT and SIGTERM ask a folder run to stop after the image at hand (a second one
-    stops at once); elsewhere than in the main thread, signals keep their handlers.
+    stops at once), and `notify` gets one line saying so; elsewhere than in the main
+    thread, signals keep their handlers.
 
         with StopRequests() as stop:
             for path in files:
@@ -175,14 +176,18 @@ class StopRequests:
                     break
     """
 
-    def __init__(self):
+    def __init__(self, notify=None):
         self.requested: str | None = None
+        self._notify = notify
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
         if self.requested:  # the second: stop now (what was staged is discarded)
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        if self._notify is not None:  # refining an image can take minutes: say it was heard
+            self._notify(f"note: {self.requested} received; stopping after the image at hand "
+                         "(send it again to stop now)")
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():

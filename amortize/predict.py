@@ -472,7 +472,7 @@ def predict_files(
             bar.update()
         pending.clear()
 
-    with StopRequests() as stop:
+    with StopRequests(notify=report) as stop:
         for path in files:
             if stop.requested:
                 break

@@ -1073,7 +1073,7 @@ def refine_files(
     settings = {"checkpoint": predictor.source, "checkpoint_step": predictor.step, "scale": scale,
                 "config": dataclasses.asdict(config)}
     seen: dict[str, pathlib.Path] = {}
-    with StopRequests() as stop:
+    with StopRequests(notify=report) as stop:
         for path in files:
             if stop.requested:
                 break

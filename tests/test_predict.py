@@ -191,8 +191,10 @@ def test_stop_requests_end_a_folder_run_between_images(tiny, tmp_path, monkeypat
 
     monkeypatch.setattr(outputs.OutputSet, "stage_json", stage_json_then_signal)
     handler = signal.getsignal(signal.SIGTERM)
-    run = predict_files([src], tmp_path / "out", tiny, progress=False)
+    lines = []
+    run = predict_files([src], tmp_path / "out", tiny, progress=False, report=lines.append)
     assert run.stopped == "SIGTERM" and run.done == 1 and run.exit_code == 143
+    assert lines == ["note: SIGTERM received; stopping after the image at hand (send it again to stop now)"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.csv", "0.json", "0.overlay.png"]
     assert signal.getsignal(signal.SIGTERM) is handler  # put back
 
