@@ -1146,7 +1146,7 @@ def _(c):
     c.expect_prefixed(p, most=1)
     c.expect_outputs(c.dir / "out2", [c.fx.good(0).stem])
     c.command_text = ("AMORTIZE_CACHE_DIR=cache predict good --out out1; replace programs/* with a "
-                      "pickle running `touch MARKER`; predict good --out out2")
+                      "pickle running 'touch MARKER'; predict good --out out2")
 
 
 @case("predict", "cache folder owned by another uid")
