@@ -97,3 +97,23 @@ def test_cli_simulated_truth_against_itself(tmp_path):
     res = subprocess.run(cmd + ["evaluate", "--pred", str(sim), "--truth", str(other)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bias_by_radius_bin_on_a_shifted_table():
+    radii = np.array([2.0, 2.5, 4.0, 5.0, 8.0, 10.0, 15.0, 20.0])
+    x, y = np.arange(8) * 60.0 + 30, np.full(8, 50.0)  # far apart: each matches its own
+    truth = table(x, y, radii)
+    # Small droplets predicted 0.5 px low and 2 % large; large ones 1.2 px high and 8 % small.
+    small = radii < 6
+    pred = table(x + np.where(small, 0.1, -0.3), y + np.where(small, 0.5, -1.2),
+                 radii * np.where(small, 1.02, 0.92))
+    bias = summarise([match_tables(pred, truth)])["bias_by_radius"]
+    assert list(bias) == ["r<3", "3<=r<6", "6<=r<12", "r>=12"]
+    for name, dx, dy, ratio in (("r<3", 0.1, 0.5, 1.02), ("3<=r<6", 0.1, 0.5, 1.02),
+                                ("6<=r<12", -0.3, -1.2, 0.92), ("r>=12", -0.3, -1.2, 0.92)):
+        assert bias[name]["n"] == 2
+        assert bias[name]["mean_dx_px"] == pytest.approx(dx)
+        assert bias[name]["mean_dy_px"] == pytest.approx(dy)
+        assert bias[name]["median_radius_ratio"] == pytest.approx(ratio)
+    empty = summarise([match_tables(pred, table([], [], []))])["bias_by_radius"]
+    assert empty["r<3"] == {"n": 0, "mean_dx_px": None, "mean_dy_px": None, "median_radius_ratio": None}
