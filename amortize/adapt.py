@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from amortize import checkpoint
 from amortize.config import (
-    BadRecipe, SceneConfig, SimulationConfig, _check, check_types, config_from_file, from_dict, to_dict,
+    BadRecipe, SceneConfig, SimulationConfig, _check, check_types, config_from_file, from_saved, to_dict,
 )
 from amortize.corpus import Corpus, sample_crops
 from amortize.decoder_fit import fit_targets, make_fit_step
@@ -398,7 +398,7 @@ def adapt(
     if cfg.encoder_frozen and init_readout is not None:
         state["readout"] = init_readout
     state, saved = resume_or_close(mgr, state, workdir, writer if own_writer else None)
-    scene = run.simulation.scene if saved is None else from_dict(SceneConfig, saved["simulation"]["scene"])
+    scene = run.simulation.scene if saved is None else from_saved(SceneConfig, saved["simulation"]["scene"])
     start = int(state["step"])
     n_crops = corpus.n_crops(run.wake.crop)
     root = jax.random.PRNGKey(cfg.seed)

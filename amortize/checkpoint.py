@@ -194,8 +194,9 @@ def find_checkpoints(path: str | pathlib.Path) -> pathlib.Path:
 def load_model(path: str | pathlib.Path) -> tuple[dict, dict, int]:
     """(params, resolved config, step) of the newest intact checkpoint under `path`.
 
-    A newer step that cannot be read is set aside with one `CheckpointWarning`
-    (see `latest_intact`).
+    A newer step that cannot be read is skipped with one `CheckpointWarning` and left in
+    place: reading a model changes nothing on disk (a failure may be passing, such as a
+    device out of memory; training, which must save that step again, sets it aside).
 
     Raises:
         BadInput: no checkpoint there, or none that can be read (corrupt, partial).
@@ -206,7 +207,7 @@ def load_model(path: str | pathlib.Path) -> tuple[dict, dict, int]:
     except Exception as err:  # orbax raises many types for a directory it cannot parse
         raise BadInput(path, f"not a readable checkpoint directory ({_short(err)})") from None
     try:
-        found = latest_intact(mgr, lambda step: _read_model(mgr, directory, step))
+        found = latest_intact(mgr, lambda step: _read_model(mgr, directory, step), set_aside=False)
     finally:
         mgr.close()
     if found is None:
@@ -229,7 +230,7 @@ def _read_model(mgr, directory: pathlib.Path, step: int) -> tuple[dict, dict]:
     return (tree if item == "params" else model_of_state(tree)), config
 
 
-def latest_intact(mgr, read: Callable[[int], _T],
+def latest_intact(mgr, read: Callable[[int], _T], set_aside: bool = True,
                   set_aside_or_fail: bool = False) -> tuple[int, _T] | None:
     """(step, read(step)) of the newest step of `mgr` that `read` can read; None if it has
     no steps.
@@ -239,7 +240,7 @@ def latest_intact(mgr, read: Callable[[int], _T],
     `<step>.damaged`, where orbax no longer lists it (nothing is deleted); `mgr` is then
     reloaded, so that a resumed run can save that step again. Where the directory is
     read-only it is left in place, unless `set_aside_or_fail` (training, which must be able
-    to write there anyway).
+    to write there anyway). Without `set_aside`, it is only skipped and reported.
 
     Raises:
         BadInput: no step can be read (one line, naming the newest and why).
@@ -254,7 +255,7 @@ def latest_intact(mgr, read: Callable[[int], _T],
             damaged.append((step, reason))
             continue
         if damaged:
-            _set_aside(mgr, directory, damaged, step, set_aside_or_fail)
+            _set_aside(mgr, directory, damaged, step, set_aside, set_aside_or_fail)
         return step, result
     if not damaged:
         return None
@@ -264,10 +265,10 @@ def latest_intact(mgr, read: Callable[[int], _T],
 
 
 def _set_aside(mgr, directory: pathlib.Path, damaged: list[tuple[int, str]], used: int,
-               required: bool) -> None:
-    """Rename the damaged steps aside, reload `mgr` and warn once."""
+               rename: bool, required: bool) -> None:
+    """Rename the damaged steps aside (if `rename`), reload `mgr` and warn once."""
     kept = []
-    for step, reason in damaged:
+    for step, reason in damaged if rename else ():
         source = directory / str(step)
         target = directory / f"{step}{DAMAGED_SUFFIX}"
         n = 1
@@ -291,6 +292,8 @@ def _set_aside(mgr, directory: pathlib.Path, damaged: list[tuple[int, str]], use
     line += f"; using step {used}"
     if kept:
         line += f" (the damaged step{'s are' if len(kept) > 1 else ' is'} kept as {', '.join(kept)})"
+    elif not rename:
+        line += " (the damaged step is left in place)"
     warnings.warn(line, CheckpointWarning, stacklevel=3)
 
 

@@ -31,9 +31,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, warn=None) -
     try:
         make_private_dirs(path)
         make_private_dirs(path / "programs")
+        unsafe = unsafe_reason(path) or unsafe_reason(path / "programs")
     except OSError:
         return None  # a read-only home only costs the compile, never the run
-    unsafe = unsafe_reason(path) or unsafe_reason(path / "programs")
     if unsafe:
         (warn or _warn)(f"{unsafe}; running without a compilation cache")
         return None
@@ -61,13 +61,16 @@ def make_private_dirs(path: pathlib.Path) -> None:
 
 
 def unsafe_reason(path: pathlib.Path) -> str | None:
-    """Why a cache folder may not be trusted (owned by another user, or writable by
-    others), or None."""
+    """Why a cache folder may not be trusted (owned by another user, or writable by others,
+    who may have planted entries in it already), or None. A folder of ours that others may
+    only read is made private (0700), so that no entry in it can be changed by them."""
     info = path.stat()
     if info.st_uid != os.getuid():
         return f"{path}: cache folder is owned by another user (uid {info.st_uid})"
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{path}: cache folder is writable by other users (chmod 700 it to use it)"
+        return f"{path}: cache folder is writable by other users (remove it, or set AMORTIZE_CACHE_DIR)"
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        path.chmod(0o700)
     return None
 
 

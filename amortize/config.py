@@ -305,6 +305,27 @@ def from_dict(cls: type[T], data: dict[str, Any], table: str = "") -> T:
         raise
 
 
+def from_saved(cls: type[T], data: dict[str, Any]) -> T:
+    """`from_dict` of a config saved with a model or run (its `config.json`): whole numbers
+    written as floats (200.0), which earlier versions accepted in integer fields, are read
+    as integers, so that older models still load."""
+    return from_dict(cls, _integral_floats_as_ints(cls, data))
+
+
+def _integral_floats_as_ints(cls: Any, data: Any) -> Any:
+    if not (dataclasses.is_dataclass(cls) and isinstance(data, dict)):
+        return data
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        hint = hints.get(key)
+        if dataclasses.is_dataclass(hint):
+            out[key] = _integral_floats_as_ints(hint, value)
+        elif hint is int and isinstance(value, float) and value.is_integer():
+            out[key] = int(value)
+    return out
+
+
 def check_types(config: Any, table: str = "") -> None:
     """Check every field of a config dataclass (and of the configs nested in it) against its
     type hint, as `from_dict` does, for a config built in code rather than read from a file.

@@ -47,18 +47,24 @@ class FilesRun:
 
 
 #: What `OutputSet.status` finds.
-ABSENT, PARTIAL, COMPLETE, OTHER_SETTINGS = "absent", "partial", "complete", "other settings"
+ABSENT, PARTIAL, COMPLETE, OTHER_SETTINGS, FOREIGN = (
+    "absent", "partial", "complete", "other settings", "foreign")
 
 
 class OutputSet:
     """The files `<out>/<stem>.<kind>` of one input (the last kind must be "json").
 
+    A commit first writes a journal (`.<stem>.amortize-commit`), then removes an earlier
+    JSON, renames the files into place, the JSON last, and removes the journal: files
+    with a journal beside them are this program's, left by an interrupted commit.
+
     Args:
         out: the output folder (made when the first file is staged).
         stem: the input's name without its suffix.
         kinds: file kinds, e.g. ["csv", "overlay.png", "json"].
-        settings: what decides the outputs' content, kept in the JSON under "settings";
-            complete outputs with other settings are not skipped.
+        settings: what decides the outputs' content (the command, the input file, the
+            model and options), kept in the JSON under "settings"; complete outputs with
+            other settings are not skipped.
     """
 
     def __init__(self, out: pathlib.Path, stem: str, kinds: list[str], settings: dict):
@@ -66,22 +72,31 @@ class OutputSet:
             raise ValueError("the JSON summary must be the last output")
         self.out = pathlib.Path(out)
         self.targets = {kind: self.out / f"{stem}.{kind}" for kind in kinds}
-        self.settings = json.loads(json.dumps(settings))  # as it will read back
+        self.journal = self.out / f".{stem}.amortize-commit"
+        self.settings = json.loads(json.dumps({**settings, "outputs": kinds}))  # as it will read back
         self._staged: dict[str, pathlib.Path] = {}
 
     def status(self) -> str:
-        """ABSENT (no file), PARTIAL (some, or an unreadable JSON), COMPLETE (every file,
-        the same settings) or OTHER_SETTINGS (every file, other settings)."""
-        present = [path.exists() for path in self.targets.values()]
-        if not any(present):
-            return ABSENT
-        if not all(present):
+        """ABSENT (none of the files), COMPLETE (every file, made with the same settings),
+        PARTIAL (this program's, incomplete: an interrupted commit, or a file of a complete
+        set removed), OTHER_SETTINGS (a summary JSON made with other settings) or FOREIGN
+        (files this program cannot tell as its own: not to be overwritten without force)."""
+        present = {kind: path.exists() for kind, path in self.targets.items()}
+        if self.journal.exists():
             return PARTIAL
+        if not any(present.values()):
+            return ABSENT
+        if not present["json"]:
+            return FOREIGN
         try:
             meta = json.loads(self.targets["json"].read_text())
         except (OSError, ValueError):
-            return PARTIAL
-        return COMPLETE if isinstance(meta, dict) and meta.get("settings") == self.settings else OTHER_SETTINGS
+            return FOREIGN
+        if not isinstance(meta, dict) or "settings" not in meta:
+            return FOREIGN
+        if meta["settings"] != self.settings:
+            return OTHER_SETTINGS
+        return COMPLETE if all(present.values()) else PARTIAL
 
     def stage(self, kind: str, data: bytes) -> None:
         """Write one file's content under a temporary name beside its target."""
@@ -96,14 +111,20 @@ class OutputSet:
         self.stage("json", io.json_bytes({**meta, "settings": self.settings}))
 
     def commit(self) -> None:
-        """Rename every staged file into place, the JSON last (the mark of completion)."""
+        """Rename every staged file into place, the JSON last (the mark of completion),
+        under a journal that marks the files as this program's until the JSON is there."""
         if set(self._staged) != set(self.targets):
             missing = ", ".join(sorted(set(self.targets) - set(self._staged)))
             raise ValueError(f"outputs not staged: {missing}")
+        io.write_bytes(self.journal, io.json_bytes(self.settings), force=True)
+        # An earlier JSON goes first: until the new one is in place, the set is incomplete.
+        with contextlib.suppress(FileNotFoundError):
+            self.targets["json"].unlink()
         mode = 0o666 & ~io._umask()
         for kind, target in self.targets.items():
             os.chmod(self._staged[kind], mode)  # mkstemp makes files private
             os.replace(self._staged.pop(kind), target)
+        self.journal.unlink()
 
     def discard(self) -> None:
         """Remove whatever was staged and not committed."""
@@ -111,6 +132,16 @@ class OutputSet:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         self._staged.clear()
+
+
+def input_identity(path: pathlib.Path) -> dict:
+    """What names an input file in `OutputSet` settings: its full path, size and modification
+    time (another file of the same name, or the same file edited, is another input)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return {"input": str(path)}
+    return {"input": str(path.resolve()), "input_bytes": info.st_size, "input_mtime_ns": info.st_mtime_ns}
 
 
 def plan(path: pathlib.Path, outputs: OutputSet, seen: dict[str, pathlib.Path], force: bool,
@@ -132,8 +163,12 @@ def plan(path: pathlib.Path, outputs: OutputSet, seen: dict[str, pathlib.Path], 
     if status == COMPLETE:
         return False
     if status == OTHER_SETTINGS:
-        raise BadInput(outputs.targets["json"], "exists from a run with other settings "
-                                                "(use --force to overwrite)")
+        raise BadInput(outputs.targets["json"], "exists from a run with other settings or another "
+                                                "input (use --force to overwrite)")
+    if status == FOREIGN:
+        existing = next(t for t in outputs.targets.values() if t.exists())
+        raise BadInput(existing, "exists and is not a complete output of amortize (use --force to "
+                                 "overwrite)")
     if status == PARTIAL:
         report(f"note: {path}: outputs of an interrupted run are incomplete; redoing them")
     return True
@@ -186,13 +221,15 @@ class StopRequests:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         if self._notify is not None:  # refining an image can take minutes: say it was heard
-            self._notify(f"note: {self.requested} received; stopping after the image at hand "
-                         "(send it again to stop now)")
+            with contextlib.suppress(Exception):  # a handler must not fail on a busy stream
+                self._notify(f"note: {self.requested} received; stopping after the image at hand "
+                             "(send it again to stop now)")
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored by the caller: stays so
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

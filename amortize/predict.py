@@ -27,13 +27,15 @@ from PIL import Image
 
 from amortize import checkpoint, io
 from amortize.autoscale import ScaleChoice, choose_scale
-from amortize.config import AUTO, from_dict
+from amortize.config import AUTO, from_saved
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table, to_work_table
 from amortize.droplets import Background
 from amortize.encoder import ALIGN, Encoder, decode_outputs, input_features, standardise, unmirror_raw
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.optics import default_optics_params
-from amortize.outputs import FilesRun, OutputSet, StopRequests, check_out_dir, plan, remove_if_empty, staged
+from amortize.outputs import (
+    FilesRun, OutputSet, StopRequests, check_out_dir, input_identity, plan, remove_if_empty, staged,
+)
 from amortize.overlay import draw_overlay
 from amortize.program_store import stored_jit
 from amortize.progress import progress_bar, report_above
@@ -103,7 +105,7 @@ class Predictor:
         from amortize.train import RunConfig  # train imports the simulator
 
         # An adaptation run's config also holds its [wake] and [adapt] tables.
-        self.run = from_dict(RunConfig, {k: v for k, v in self.config.items() if k in RUN_TABLES})
+        self.run = from_saved(RunConfig, {k: v for k, v in self.config.items() if k in RUN_TABLES})
         params = jax.tree_util.tree_map(jnp.asarray, dict(self.params))
         self.decoder = params.pop("decoder", None)
         # The composition read-out, when the model has a fitted one (`amortize.readout`).
@@ -422,7 +424,8 @@ def predict_files(
     bar = progress_bar(total=len(files), enabled=progress and len(files) > 1, desc="predict", unit="img",
                        leave=False)
     kinds = ["csv", "overlay.png"] + (["recon.png", "residual.png"] if reconstruction else []) + ["json"]
-    settings = {"checkpoint": predictor.source, "checkpoint_step": predictor.step, "threshold": threshold,
+    settings = {"command": "predict", "checkpoint": predictor.source, "checkpoint_step": predictor.step,
+                "threshold": threshold,
                 "scale": scale, "reconstruction": reconstruction}
     auto = scale == AUTO
     fixed = None if auto else scale
@@ -477,7 +480,7 @@ def predict_files(
             if stop.requested:
                 break
             try:
-                outputs = OutputSet(out, path.stem, kinds, settings)
+                outputs = OutputSet(out, path.stem, kinds, {**settings, **input_identity(path)})
                 if not plan(path, outputs, seen, force, report):
                     run.skipped += 1
                     bar.update()

@@ -1053,7 +1053,9 @@ def refine_files(
     """
     from amortize import io
     from amortize.errors import AmortizeError, BadInput
-    from amortize.outputs import FilesRun, OutputSet, StopRequests, check_out_dir, plan, remove_if_empty, staged
+    from amortize.outputs import (
+        FilesRun, OutputSet, StopRequests, check_out_dir, input_identity, plan, remove_if_empty, staged,
+    )
     from amortize.plots import line_plot
     from amortize.predict import collect_images, summary
     from amortize.progress import report_above
@@ -1070,7 +1072,8 @@ def refine_files(
         run.errors.append(err)
         report(f"error: {err}")
     kinds = ["csv", "recon.png", "residual.png", "loss.png", "json"]
-    settings = {"checkpoint": predictor.source, "checkpoint_step": predictor.step, "scale": scale,
+    settings = {"command": "refine", "checkpoint": predictor.source, "checkpoint_step": predictor.step,
+                "scale": scale,
                 "config": dataclasses.asdict(config)}
     seen: dict[str, pathlib.Path] = {}
     with StopRequests(notify=report) as stop:
@@ -1078,7 +1081,7 @@ def refine_files(
             if stop.requested:
                 break
             try:
-                outputs = OutputSet(out, path.stem, kinds, settings)
+                outputs = OutputSet(out, path.stem, kinds, {**settings, **input_identity(path)})
                 if not plan(path, outputs, seen, force, report):
                     run.skipped += 1
                     continue

@@ -33,7 +33,7 @@ import optax
 from tqdm.auto import tqdm
 
 from amortize import checkpoint, io
-from amortize.config import SimulationConfig, _check, check_types, config_from_file, from_dict, to_dict
+from amortize.config import SimulationConfig, _check, check_types, config_from_file, from_saved, to_dict
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.droplets import to_table
 from amortize.encoder import EncoderConfig, encode, init_encoder
@@ -356,7 +356,7 @@ def _same_run(saved: dict, resolved: dict, config_type) -> bool:
     one)."""
     had_readout = "readout" in saved
     try:
-        saved = to_dict(from_dict(config_type, saved))
+        saved = to_dict(from_saved(config_type, saved))
     except (BadArgument, TypeError):
         return False
     if "readout" in resolved and not had_readout:

@@ -47,3 +47,11 @@ def test_a_folder_owned_by_another_user_is_refused(tmp_path, restore_cache_setti
     assert enable_compilation_cache(path, warn=lines.append) is None
     assert len(lines) == 1 and "owned by another user (uid 12345)" in lines[0]
     assert program_store.store() is None
+
+
+def test_a_folder_of_ours_that_others_may_read_is_made_private(tmp_path, restore_cache_settings):
+    path = tmp_path / "mine"
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    assert enable_compilation_cache(path, warn=pytest.fail) == path
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700

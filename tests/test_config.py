@@ -301,3 +301,18 @@ def test_console_script_reports_a_bad_recipe_in_one_line(tmp_path, tiny_model_di
     name = "simulate" if verb == "simulate" else "train"
     assert lines[0].startswith(f"amortize {name}: error: {config}: [{table}] {field} must be"), lines[0]
     assert not work.exists()
+
+
+def test_saved_configs_of_earlier_versions_still_load():
+    # Earlier versions accepted 200.0 for an integer field, and saved it so.
+    from amortize.config import from_saved, to_dict
+    from amortize.train import RunConfig
+
+    saved = to_dict(RunConfig.tiny())
+    saved["train"]["checkpoint_every"] = float(saved["train"]["checkpoint_every"])
+    saved["simulation"]["scene"]["n_types"] = float(saved["simulation"]["scene"]["n_types"])
+    run = from_saved(RunConfig, saved)
+    assert run == RunConfig.tiny() and type(run.train.checkpoint_every) is int
+    saved["train"]["steps"] = 4.5  # not a whole number: still an error
+    with pytest.raises(BadArgument, match="steps"):
+        from_saved(RunConfig, saved)

@@ -161,8 +161,9 @@ def test_incomplete_outputs_and_leftover_temporary_files_are_redone(tiny, tmp_pa
     out = tmp_path / "out"
     assert predict_files([src], out, tiny, progress=False).done == 2
     want = {p.name: p.read_bytes() for p in out.iterdir()}
-    # As a kill between two renames leaves it: a.csv renamed, a.json not; and a dead
-    # process's temporary file.
+    # As a kill between two renames of a commit leaves it: its journal, a.csv renamed, the
+    # earlier a.json removed; and a dead process's temporary file.
+    (out / ".a.amortize-commit").write_text("{}")
     (out / "a.json").unlink()
     (out / "a.overlay.png").write_bytes(b"stale")
     (out / ".b.csv.amortize-999999999-x1.tmp").write_bytes(b"half")
@@ -171,6 +172,30 @@ def test_incomplete_outputs_and_leftover_temporary_files_are_redone(tiny, tmp_pa
     assert (run.done, run.skipped, run.errors) == (1, 1, [])
     assert any("interrupted" in line and "a.png" in line for line in lines)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == want
+
+
+def test_files_amortize_did_not_write_and_other_inputs_are_not_overwritten(tiny, tmp_path):
+    rng = np.random.default_rng(6)
+    for folder in ("day1", "day2"):
+        (tmp_path / folder).mkdir()
+        _write(tmp_path / folder / "img.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    # A folder of simulated scenes: img.png beside its ground truth img.csv, no JSON.
+    truth = tmp_path / "day1" / "img.csv"
+    truth.write_text("x,y,radius,presence\n1,2,3,1\n")
+    run = predict_files([tmp_path / "day1"], tmp_path / "day1", tiny, progress=False, report=lambda _: None)
+    assert run.done == 0 and "not a complete output of amortize" in str(run.errors[0])
+    assert truth.read_text() == "x,y,radius,presence\n1,2,3,1\n"
+    # Another input of the same name, into the same folder: refused, not skipped.
+    out = tmp_path / "out"
+    assert predict_files([tmp_path / "day1" / "img.png"], out, tiny, progress=False).done == 1
+    want = {p.name: p.read_bytes() for p in out.iterdir()}
+    run = predict_files([tmp_path / "day2"], out, tiny, progress=False, report=lambda _: None)
+    assert (run.done, run.skipped) == (0, 0) and "another input" in str(run.errors[0])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == want
+    # With --reconstruction the outputs differ: the plain ones are not taken as complete.
+    run = predict_files([tmp_path / "day1" / "img.png"], out, tiny, progress=False, reconstruction=True,
+                        report=lambda _: None)
+    assert run.done == 0 and "other settings" in str(run.errors[0])
 
 
 def test_stop_requests_end_a_folder_run_between_images(tiny, tmp_path, monkeypatch):
