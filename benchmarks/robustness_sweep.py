@@ -161,9 +161,13 @@ class Sweep:
         out = self.logs / f"{self.n_runs:03d}.out"
         err = self.logs / f"{self.n_runs:03d}.err"
         with open(out, "wb") as fo, open(err, "wb") as fe:
+            # As from a terminal: SIGINT not ignored. A sweep started in the background by a
+            # shell without job control inherits SIGINT ignored, and a program rightly keeps
+            # an inherited "ignore" (Python itself then never raises KeyboardInterrupt).
             popen = subprocess.Popen([str(self.exe), *args], cwd=cwd, env=env or self.env,
                                      stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return Handle(args, popen, out, err)
 
     def run(self, args: list[str], cwd: pathlib.Path, env: dict | None = None,
