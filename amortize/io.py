@@ -118,22 +118,29 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[pathli
     path = pathlib.Path(path)
     if path.exists() and not force:
         raise BadArgument(path, "already exists (use --force to overwrite)")
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = pathlib.Path(tmp)
+    tmp_path = temp_beside(path)
     try:
         yield tmp_path
-        # mkstemp makes the file private (0600); outputs get the usual umask-based mode.
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
+        publish(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def temp_prefix(name: str) -> str:
-    """Prefix of this process's temporary files for a target named `name`."""
-    return f".{name}{TEMP_MARK}{os.getpid()}-"
+def temp_beside(path: pathlib.Path, data: bytes = b"") -> pathlib.Path:
+    """A new temporary file of this process beside `path` (named so that
+    `remove_stale_temps` knows its writer), holding `data`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return pathlib.Path(tmp)
+
+
+def publish(tmp: pathlib.Path, path: pathlib.Path) -> None:
+    """Rename the temporary file `tmp` onto `path`, with the usual umask-based mode (mkstemp
+    makes files private, 0600)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
 
 
 #: Temporary files of versions before the writer's pid was in the name: `.<name>.<8 chars>.tmp`.
@@ -257,14 +264,15 @@ def prepare_output_dir(path: str | os.PathLike, force: bool) -> pathlib.Path:
         raise BadArgument(path, "exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise BadArgument(path, "output directory is not empty (use --force to overwrite)")
-    parent = path if path.exists() else _existing_parent(path)
+    parent = path if path.exists() else existing_parent(path)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadArgument(path, "output directory is not writable")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _existing_parent(path: pathlib.Path) -> pathlib.Path:
+def existing_parent(path: pathlib.Path) -> pathlib.Path:
+    """The nearest folder above `path` that exists (BadArgument if it is a file)."""
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():

@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import signal
-import tempfile
 import threading
 from typing import Iterator
 
@@ -100,12 +99,8 @@ class OutputSet:
 
     def stage(self, kind: str, data: bytes) -> None:
         """Write one file's content under a temporary name beside its target."""
-        target = self.targets[kind]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=io.temp_prefix(target.name), suffix=".tmp", dir=target.parent)
-        self._staged[kind] = pathlib.Path(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._staged[kind] = io.temp_beside(self.targets[kind], data)
 
     def stage_json(self, meta: dict) -> None:
         self.stage("json", io.json_bytes({**meta, "settings": self.settings}))
@@ -120,10 +115,8 @@ class OutputSet:
         # An earlier JSON goes first: until the new one is in place, the set is incomplete.
         with contextlib.suppress(FileNotFoundError):
             self.targets["json"].unlink()
-        mode = 0o666 & ~io._umask()
         for kind, target in self.targets.items():
-            os.chmod(self._staged[kind], mode)  # mkstemp makes files private
-            os.replace(self._staged.pop(kind), target)
+            io.publish(self._staged.pop(kind), target)
         self.journal.unlink()
 
     def discard(self) -> None:
@@ -180,14 +173,9 @@ def check_out_dir(out: pathlib.Path) -> bool:
     Raises:
         BadArgument: it is a file, or lies under one, or cannot be written.
     """
-    if out.exists():
-        if not out.is_dir():
-            raise BadArgument(out, "--out exists and is not a directory")
-        parent = out
-    else:
-        parent = next(p for p in out.absolute().parents if p.exists())
-        if not parent.is_dir():
-            raise BadArgument(out, f"{parent} is a file, not a directory")
+    if out.exists() and not out.is_dir():
+        raise BadArgument(out, "--out exists and is not a directory")
+    parent = out if out.exists() else io.existing_parent(out)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadArgument(out, "output directory is not writable")
     return out.exists()
