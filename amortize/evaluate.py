@@ -9,6 +9,12 @@ Beside the errors' sizes, the metrics report their direction per true-radius bin
 (`RADIUS_BINS`): the mean signed centre offset (prediction - truth) and the median radius
 ratio (prediction / truth). A systematic bias, such as circles that ride high on real
 droplets of one size, shows there while it hides in an RMSE.
+
+A *partial* truth labels only some of an image's droplets (a hand-checked set on a real
+slide). Every unlabelled droplet would then count as a false alarm, so with `partial` an
+unmatched prediction is a false alarm only when its centre lies inside a labelled droplet's
+disc: a second circle on a labelled droplet, or one displaced off it. Precision then speaks
+for the labelled droplets only.
 """
 
 from __future__ import annotations
@@ -71,8 +77,8 @@ def match_pairs(pred: dict, truth: dict) -> tuple[np.ndarray, np.ndarray, np.nda
     return pairs, ok, dist
 
 
-def match_tables(pred: dict, truth: dict, rmin: float = 0.0) -> Matches:
-    """Match one image's predicted table to its ground truth."""
+def match_tables(pred: dict, truth: dict, rmin: float = 0.0, partial: bool = False) -> Matches:
+    """Match one image's predicted table to its ground truth (`partial`: see the module)."""
     tr = np.asarray(truth["radius"], float)
     care = tr >= rmin
     pairs, ok, dist = match_pairs(pred, truth)
@@ -81,7 +87,10 @@ def match_tables(pred: dict, truth: dict, rmin: float = 0.0) -> Matches:
     counted = pairs[care[pairs[:, 1]]]
     # An unmatched prediction sitting on a don't-care droplet is not a false alarm either.
     near_ignored = (ok & ~care[None, :]).any(axis=1)
-    fp = int(np.sum(~matched_p & ~near_ignored))
+    false_alarm = ~matched_p & ~near_ignored
+    if partial:  # only predictions centred on a labelled droplet can be judged
+        false_alarm &= (dist <= tr[None, :]).any(axis=1)
+    fp = int(np.sum(false_alarm))
     tp = len(counted)
     fn = int(care.sum()) - tp
     p, t = counted[:, 0], counted[:, 1]
@@ -174,8 +183,10 @@ def bias_by_radius(matches: list[Matches]) -> dict:
     return report
 
 
-def evaluate_dirs(pred_dir, truth_dir, rmin: float = 0.0) -> tuple[dict, list[AmortizeError]]:
-    """Evaluate every `<stem>.csv` of `truth_dir` against `pred_dir/<stem>.csv`.
+def evaluate_dirs(pred_dir, truth_dir, rmin: float = 0.0,
+                  partial: bool = False) -> tuple[dict, list[AmortizeError]]:
+    """Evaluate every `<stem>.csv` of `truth_dir` against `pred_dir/<stem>.csv` (`partial`:
+    the truth labels only some droplets; see the module).
 
     Returns:
         (metrics dict, errors for images that could not be evaluated).
@@ -198,10 +209,11 @@ def evaluate_dirs(pred_dir, truth_dir, rmin: float = 0.0) -> tuple[dict, list[Am
                 missing = {"x", "y", "radius"} - set(table)
                 if missing:
                     raise BadInput(path, f"missing column(s) {', '.join(sorted(missing))}")
-            matches.append(match_tables(pred, truth, rmin))
+            matches.append(match_tables(pred, truth, rmin, partial))
         except AmortizeError as err:
             errors.append(err)
     metrics = summarise(matches)
     metrics["rmin"] = rmin
+    metrics["partial_truth"] = partial
     return metrics, errors
 

@@ -117,3 +117,27 @@ def test_bias_by_radius_bin_on_a_shifted_table():
         assert bias[name]["median_radius_ratio"] == pytest.approx(ratio)
     empty = summarise([match_tables(pred, table([], [], []))])["bias_by_radius"]
     assert empty["r<3"] == {"n": 0, "mean_dx_px": None, "mean_dy_px": None, "median_radius_ratio": None}
+
+
+def test_partial_truth_judges_only_predictions_on_labelled_droplets():
+    truth = table([20.0, 60.0], [20.0, 20.0], [8.0, 5.0])  # two labelled of many droplets
+    # A hit, a second circle inside the first droplet (6 px off: beyond the 4 px match
+    # tolerance, inside its disc), and two circles on unlabelled droplets elsewhere.
+    pred = table([20.5, 26.0, 100.0, 140.0], [20.0, 20.0, 60.0, 20.0], [8.0, 3.0, 6.0, 4.0])
+    full = match_tables(pred, truth)
+    assert (full.tp, full.fp, full.fn) == (1, 3, 1)
+    part = match_tables(pred, truth, partial=True)
+    assert (part.tp, part.fp, part.fn) == (1, 1, 1)
+
+
+def test_cli_partial_truth_flag(tmp_path):
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    pred.mkdir()
+    truth.mkdir()
+    io.write_table(truth / "a.csv", table([20.0], [20.0], [8.0]))
+    io.write_table(pred / "a.csv", table([20.2, 90.0], [20.1, 90.0], [8.0, 5.0]))
+    cmd = [sys.executable, "-m", "amortize.cli", "evaluate", "--pred", str(pred), "--truth", str(truth)]
+    runs = [subprocess.run(cmd + extra, capture_output=True, text=True, timeout=120) for extra in ([], ["--partial-truth"])]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    full, part = (json.loads(r.stdout) for r in runs)
+    assert full["precision"] == 0.5 and part["precision"] == 1.0 and part["partial_truth"] is True
