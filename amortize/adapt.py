@@ -48,6 +48,7 @@ from amortize.decoder_fit import fit_targets, make_fit_step
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.encoder import EncoderConfig, encode
 from amortize.errors import BadInput
+from amortize.optics import default_optics_params, is_anchored
 from amortize.prior_fit import prior_summary, refit_scene
 from amortize.train import (
     RunConfig, TrainConfig, finite_metrics, make_train_step, prepare_workdir, resume_or_close,
@@ -55,6 +56,10 @@ from amortize.train import (
 from amortize.reconstruct import reconstruct_cells
 from amortize.wake import WakeConfig, elbo_parts, fit_background, interior_mask
 from amortize.writers import TensorboardWriter, Writer
+
+
+#: `AdaptConfig.optics_start` values.
+OPTICS_STARTS = ("model", "anchored")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,13 @@ class AdaptConfig:
         decoder_fit_crops: corpus crops (of the wake crop size) the optics are fitted on.
         decoder_fit_learning_rate: its Adam step.
         threshold: presence at which the refit counts a detection.
+        optics_start: the decoder's starting optics: "model", the `--init` model's; or
+            "anchored", the built-in droplet in the anchored geometry (`amortize.optics`),
+            whose latent x, y and r stay the droplet's centre and radius whatever the
+            optics learn. The anchor steps simulate with the starting optics.
+        keep_readout: keep the `--init` model's composition read-out even though the
+            encoder learns (it reads the droplet's own pixels, so it suits an encoder that
+            was fine-tuned rather than retrained).
         seed: crops, augmentations and simulated scenes derive from it and the step.
         checkpoint_every, log_every, preview_every: as for simulation training.
     """
@@ -97,6 +109,8 @@ class AdaptConfig:
     decoder_fit_crops: int = 16
     decoder_fit_learning_rate: float = 3e-3
     threshold: float = DEFAULT_THRESHOLD
+    optics_start: str = "model"
+    keep_readout: bool = False
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
@@ -115,6 +129,7 @@ class AdaptConfig:
         _check(self.decoder_fit_crops >= 1, "decoder_fit_crops", "must be >= 1")
         _check(self.decoder_fit_learning_rate > 0, "decoder_fit_learning_rate", "must be > 0")
         _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
+        _check(self.optics_start in OPTICS_STARTS, "optics_start", f"must be one of {', '.join(OPTICS_STARTS)}")
         _check(self.seed >= 0, "seed", "must be >= 0")
         for name in ("checkpoint_every", "log_every", "preview_every"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
@@ -233,11 +248,11 @@ def make_wake_step(run: AdaptRun, kwargs: dict):
     h, w = run.wake.crop
     n_obs = kwargs["n_crops"] * float(interior_mask((h, w), run.wake.border).sum()) * run.encoder.channels
 
-    frozen = run.adapt.encoder_frozen
+    # Without a wake step size the encoder gets no gradient, so none is computed for it.
+    frozen = run.adapt.encoder_learning_rate == 0
 
     def loss_fn(trainable, key, crops):
         encoder = trainable["encoder"]["params"]
-        # A frozen encoder gets no gradient, so none is computed for it.
         encoder = jax.lax.stop_gradient(encoder) if frozen else encoder
         params = {"encoder$params": encoder, **trainable["decoder"]}
         parts = elbo_parts(params, key, crops, **kwargs)
@@ -372,18 +387,23 @@ def adapt(
         corpus: the real images.
         workdir: config, checkpoints and logs; an existing run there is resumed.
         init_params: encoder variables to start from (ignored when resuming).
-        init_optics: decoder optics to start from; the anchor steps keep simulating with
-            them (pass the same optics when resuming).
+        init_optics: decoder optics to start from, unless the recipe starts from anchored
+            optics; the anchor steps keep simulating with the starting optics (pass the same
+            optics when resuming).
         writer: metric writer (default: tensorboardX under `workdir/logs`).
         progress: show a progress bar.
         stop_after: stop (with a checkpoint) after this many steps in this call (tests).
         init_readout: the `--init` model's composition read-out; the adapted model keeps it
-            when the recipe freezes the encoder, as it was fitted to that encoder's answers.
+            when the recipe freezes the encoder, as it was fitted to that encoder's answers,
+            and when `keep_readout` is set.
     """
     workdir = pathlib.Path(workdir)
     check_types(run)  # a recipe built in code: nothing is created before it is checked
     resolved = prepare_workdir(workdir, run)
     cfg = run.adapt
+    if cfg.optics_start == "anchored" and not is_anchored(init_optics):
+        scene0 = run.simulation.scene
+        init_optics = default_optics_params(scene0.n_types, scene0.channels, anchored=True)
     own_writer = writer is None
     writer = TensorboardWriter(workdir / "logs") if own_writer else writer
     mgr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_SUBDIR)
@@ -395,7 +415,7 @@ def adapt(
     state["wake_opt"] = wake_optimizer(cfg).init({"encoder": state["params"], "decoder": state["decoder"]})
     state["sleep_opt"] = sleep_optimizer(cfg).init(state["params"])
     state["decoder_opt"] = optax.adam(cfg.decoder_fit_learning_rate).init(init_optics)
-    if cfg.encoder_frozen and init_readout is not None:
+    if (cfg.encoder_frozen or cfg.keep_readout) and init_readout is not None:
         state["readout"] = init_readout
     state, saved = resume_or_close(mgr, state, workdir, writer if own_writer else None)
     scene = run.simulation.scene if saved is None else from_saved(SceneConfig, saved["simulation"]["scene"])

@@ -55,17 +55,22 @@ def _emit(record: dict) -> dict:
     return record
 
 
-def bench_render_forward(shape, n, repeats=10) -> dict:
+def _geometry(anchored: bool) -> dict:
+    return {"geometry": "anchored" if anchored else "free"}
+
+
+def bench_render_forward(shape, n, repeats=10, anchored=False) -> dict:
+    """Forward render with the built-in optics, free or anchored (`amortize.optics`)."""
     droplets, background = random_scene(n, shape)
-    optics = default_optics_params()
+    optics = default_optics_params(anchored=anchored)
     ms = median_ms(lambda d: render(d, optics, background, shape), droplets, repeats=repeats)
-    return {"name": "render_forward", "shape": [*shape, 3], "droplets": n, "median_ms": ms}
+    return {"name": "render_forward", "shape": [*shape, 3], "droplets": n, **_geometry(anchored), "median_ms": ms}
 
 
-def bench_render_grad(shape, n, repeats=10) -> dict:
+def bench_render_grad(shape, n, repeats=10, anchored=False) -> dict:
     """Forward + gradient of a squared-error loss w.r.t. every latent and the optics."""
     droplets, background = random_scene(n, shape)
-    optics = default_optics_params()
+    optics = default_optics_params(anchored=anchored)
     target = jnp.full((*shape, 3), 0.5)
 
     @jax.jit
@@ -75,14 +80,15 @@ def bench_render_grad(shape, n, repeats=10) -> dict:
         )(d, p, b)
 
     ms = median_ms(loss_and_grad, droplets, optics, background, repeats=repeats)
-    return {"name": "render_value_and_grad", "shape": [*shape, 3], "droplets": n, "median_ms": ms}
+    return {"name": "render_value_and_grad", "shape": [*shape, 3], "droplets": n, **_geometry(anchored),
+            "median_ms": ms}
 
 
-def bench_render_memory(shape, n, repeats=5) -> dict:
+def bench_render_memory(shape, n, repeats=5, anchored=False) -> dict:
     """Forward render measured in a fresh process, so its peak RSS is its own."""
     code = (
         "import json,resource;from amortize import bench;"
-        f"r=bench.bench_render_forward({tuple(shape)},{n},{repeats});"
+        f"r=bench.bench_render_forward({tuple(shape)},{n},{repeats},{anchored});"
         "r['peak_rss_mb']=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024;"
         "print(json.dumps(r))"
     )
@@ -113,13 +119,15 @@ def run_render_bench(quick: bool = False) -> list[dict]:
     """The render benchmark suite of issue 2 (`amortize bench render`)."""
     records = []
     if quick:  # smoke-test sizes
-        records.append(_emit(bench_render_forward((40, 48), 20, repeats=2)))
-        records.append(_emit(bench_render_grad((40, 48), 20, repeats=2)))
+        for anchored in (False, True):
+            records.append(_emit(bench_render_forward((40, 48), 20, repeats=2, anchored=anchored)))
+            records.append(_emit(bench_render_grad((40, 48), 20, repeats=2, anchored=anchored)))
         records.append(_emit(bench_simulate(3, (32, 32))))
         return records
-    records.append(_emit(bench_render_forward((380, 507), 2000)))
-    records.append(_emit(bench_render_grad((380, 507), 2000)))
-    records.append(_emit(bench_render_memory((1520, 2028), 20000)))
+    for anchored in (False, True):
+        records.append(_emit(bench_render_forward((380, 507), 2000, anchored=anchored)))
+        records.append(_emit(bench_render_grad((380, 507), 2000, anchored=anchored)))
+        records.append(_emit(bench_render_memory((1520, 2028), 20000, anchored=anchored)))
     records.append(_emit(bench_simulate(1000, (128, 128))))
     return records
 

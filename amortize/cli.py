@@ -66,9 +66,22 @@ def check_simulate(args) -> None:
 def cmd_simulate(args) -> int:
     from amortize.simulate import write_simulation
 
+    optics = name = None
+    if args.look is not None:
+        from amortize.predict import Predictor
+
+        from amortize.config import SimulationConfig
+        from amortize.optics import channels_of, n_types_of
+
+        optics, name = Predictor.load(args.look).optics, f"decoder of the model {args.look}"
+        scene = (args.simulation or SimulationConfig()).scene
+        if (n_types_of(optics), channels_of(optics)) != (scene.n_types, scene.channels):
+            raise BadArgument("--look", f"{args.look} draws {n_types_of(optics)} composition types in "
+                                        f"{channels_of(optics)} channels; the scenes have {scene.n_types} "
+                                        f"in {scene.channels}")
     manifest = write_simulation(
         args.out, args.n, tuple(args.size), seed=args.seed, config=args.simulation,
-        force=args.force, progress=not args.quiet,
+        force=args.force, progress=not args.quiet, optics_params=optics, optics_name=name,
     )
     if not args.quiet:
         print(f"wrote {manifest['n']} scenes to {args.out} in {manifest['wall_seconds']} s")
@@ -215,7 +228,7 @@ def cmd_evaluate(args) -> int:
 
     from amortize.evaluate import evaluate_dirs
 
-    metrics, errors = evaluate_dirs(args.pred, args.truth, rmin=args.rmin)
+    metrics, errors = evaluate_dirs(args.pred, args.truth, rmin=args.rmin, partial=args.partial_truth)
     for err in errors:
         print(f"amortize evaluate: error: {err}", file=sys.stderr)
     print(json.dumps(metrics))
@@ -262,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hard core: centres at least S x (sum of radii) apart, S in [0, 1] "
                           "(default 0: droplets overlap freely; 1: they never overlap)")
     sim.add_argument("--config", help="TOML file with a [simulation] table")
+    sim.add_argument("--look", metavar="MODEL",
+                     help="draw the droplets with this model's decoder optics (a look learned by "
+                          "adaptation, e.g. checkpoints/default) instead of the built-in droplet")
     sim.add_argument("--force", action="store_true", help="write into a non-empty directory")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     sim.set_defaults(check=check_simulate, run=cmd_simulate)
@@ -339,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--truth", required=True, help="directory of ground-truth <stem>.csv")
     ev.add_argument("--rmin", type=float, default=0.0,
                     help="true droplets smaller than this radius (px) are don't-care")
+    ev.add_argument("--partial-truth", action="store_true",
+                    help="the truth labels only some droplets (e.g. benchmarks/slide_truth): a "
+                         "prediction is a false alarm only if centred inside a labelled droplet")
     ev.set_defaults(run=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="measure speed (prints JSON lines)")

@@ -8,15 +8,32 @@ corpus. For a pixel whose nearest droplet (in radius-normalised distance) is giv
 and the renderer composes pixel = sigmoid(logit(background) + fade(d) * presence * delta).
 log r rather than r keeps the input well scaled for radii from 1 to 40 px.
 
-Until a decoder is learned from real images (issue 4), `default_optics_params` ships weights
-fitted once to `lens_droplet`, an analytic bright-field droplet: dye absorption that grows with
-the optical path through the sphere, a darker refracting rim, and a bright yellowish caustic on
-the lower side that spills just past the rim, as in ../shared/data/droplets.
+`default_optics_params` ships weights fitted once to `lens_droplet`, an analytic bright-field
+droplet: dye absorption that grows with the optical path through the sphere, a darker refracting
+rim, and a bright yellowish caustic on the lower side that spills just past the rim, as in
+../shared/data/droplets.
+
+Two geometries (`optics_delta` tells them apart by the parameters' tree):
+
+* *free* (`init_optics`): the MLP's C outputs are the delta itself, anywhere out to the
+  renderer's reach. Fitted to a real corpus, the MLP is free to paint a droplet's appearance
+  off centre or larger than its disc, and then the latents x, y, r no longer mean centre and
+  radius (on ../shared/data/droplets the adapted optics put a droplet's contrast centroid
+  2.8 px above its latent centre).
+* *anchored* (`init_anchored`): the footprint is the disc of radius r about (x, y), with a
+  soft edge whose width is a learned blur shared by the corpus (`edge.log_blur`), and the MLP only colours it: 2C outputs, the colour inside (read
+  at the pixel's position, but no closer to the rim than 1 - RIM_BAND radii) and a halo
+  ratio for the ring r ... 1.25 r. The halo vanishes at the rim and brightens (it darkens
+  by at most 5 % of the rim contrast), so where the rim is darker than the background, the
+  50 % transition between the background and the rim colour lies at exactly r in every
+  direction whatever the weights are. (A rim brighter than the background, such as a
+  caustic, may spill into the halo ring: real caustics do.)
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import pathlib
 from typing import NamedTuple
 
@@ -35,6 +52,26 @@ HIDDEN = (32, 16, 8)
 DEFAULT_OPTICS_FILE = pathlib.Path(__file__).parent / "assets" / "default_optics.msgpack"
 DEFAULT_FIT_SEED = 0
 DEFAULT_FIT_STEPS = 6000
+
+
+#: Anchored geometry: the halo ring's outer radius, in radii.
+HALO_OUTER = 1.25
+#: The halo brightens: it is h * |rim colour| with h in (-HALO_DARK_MAX, HALO_BRIGHT_MAX).
+#: Bright light just outside a droplet is real (the caustic that spills below the droplets of
+#: ../shared/data/droplets), but a dark ring outside the disc mimics a droplet drawn further
+#: out: fitted to that slide, a halo allowed half the rim's darkness drew the droplets' upper
+#: edge and the encoder learned to place them 1.2 px low. With at most 5 % darkening, the
+#: 50 % transition between the background and a rim darker than the background stays at r.
+HALO_BRIGHT_MAX = 1.5
+HALO_DARK_MAX = 0.05
+#: Starting edge blur (Gaussian sd of the point-spread, px) of anchored optics.
+EDGE_BLUR_INIT = 0.7
+#: Anchored optics read the inside colour no closer to the rim than 1 - RIM_BAND radii: the
+#: band just inside the edge has the colour found there, so that a learned look cannot fade
+#: the droplet out before its rim and make it look smaller than its radius.
+RIM_BAND = 0.2
+#: Where the shipped anchored fit of the built-in droplet lives (K = 3 types, C = 3 channels).
+ANCHORED_OPTICS_FILE = pathlib.Path(__file__).parent / "assets" / "default_optics_anchored.msgpack"
 
 
 class OpticsMLP(nn.Module):
@@ -63,12 +100,39 @@ def init_optics(key: jax.Array, channels: int = 3, n_types: int = 3) -> dict:
     return module.init(key, jnp.zeros((1, n_features(channels, n_types))))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def init_anchored(key: jax.Array, channels: int = 3, n_types: int = 3) -> dict:
+    """Random anchored optics: an MLP with 2C outputs (inside colour, halo ratio) and the
+    edge blur."""
+    module = OpticsMLP(channels=2 * channels)
+    params = module.init(key, jnp.zeros((1, n_features(channels, n_types))))
+    return {**params, "edge": {"log_blur": jnp.log(jnp.float32(EDGE_BLUR_INIT))}}
+
+
+def is_anchored(params: dict) -> bool:
+    """Whether `params` are anchored optics (see the module's docstring)."""
+    return "edge" in params
+
+
+def edge_blur(params: dict) -> jnp.ndarray:
+    """The anchored edge's blur: the sd (px) of the Gaussian point-spread it approximates,
+    the same for every droplet (a size-dependent blur, tried on ../shared/data/droplets,
+    grew to 0.13 r and let small droplets be drawn a third too large)."""
+    return jnp.exp(params["edge"]["log_blur"])
+
+
 def module_for(params: dict) -> OpticsMLP:
     """The MLP whose shapes match `params` (widths are read off the kernels)."""
     layers = params["params"]
     dense = sorted((k for k in layers if k.startswith("Dense_")), key=lambda k: int(k[6:]))
     widths = tuple(int(layers[k]["kernel"].shape[1]) for k in dense)
     return OpticsMLP(channels=widths[-1], hidden=widths[:-1])
+
+
+def channels_of(params: dict) -> int:
+    """Image channels C that the optics draw."""
+    out = module_for(params).channels
+    return out // 2 if is_anchored(params) else out
 
 
 def coarser_grid(params: dict, k: float) -> dict:
@@ -82,16 +146,18 @@ def coarser_grid(params: dict, k: float) -> dict:
         return params
     layers = params["params"]
     first = layers["Dense_0"]
-    row = module_for(params).channels + 2  # features: colour (C), dx / r, dy / r, log r, ...
+    row = channels_of(params) + 2  # features: colour (C), dx / r, dy / r, log r, ...
     shifted = {**first, "bias": first["bias"] + jnp.log(jnp.float32(k)) * first["kernel"][row]}
-    return {**params, "params": {**layers, "Dense_0": shifted}}
+    out = {**params, "params": {**layers, "Dense_0": shifted}}
+    if is_anchored(params):  # the blur, in px, is k times smaller on the coarser grid
+        out["edge"] = {**params["edge"], "log_blur": params["edge"]["log_blur"] - jnp.log(jnp.float32(k))}
+    return out
 
 
 def n_types_of(params: dict) -> int:
     """K that the parameters were built for."""
-    module = module_for(params)
     n_in = params["params"]["Dense_0"]["kernel"].shape[0]
-    return int(n_in - module.channels - 3)
+    return int(n_in - channels_of(params) - 3)
 
 
 def optics_features(background_colour, dx_r, dy_r, radius, composition) -> jnp.ndarray:
@@ -110,8 +176,60 @@ def optics_features(background_colour, dx_r, dy_r, radius, composition) -> jnp.n
 
 
 def apply_optics(params: dict, features: jnp.ndarray) -> jnp.ndarray:
-    """delta (..., C) for features (..., C + 3 + K)."""
-    return module_for(params).apply(params, features)
+    """The MLP's raw outputs for features (..., C + 3 + K): (..., C) for free optics, the
+    delta itself; (..., 2C) for anchored ones (see `optics_delta`)."""
+    return module_for(params).apply({"params": params["params"]}, features)
+
+
+def halo_ratio(raw: jnp.ndarray) -> jnp.ndarray:
+    """The halo as a multiple of the rim contrast |rim colour|, in (-HALO_DARK_MAX,
+    HALO_BRIGHT_MAX), 0 at raw = 0 and growing with it."""
+    span = HALO_BRIGHT_MAX + HALO_DARK_MAX
+    return -HALO_DARK_MAX + span * jax.nn.sigmoid(raw + jnp.log(HALO_DARK_MAX / HALO_BRIGHT_MAX))
+
+
+def edge_profile(dist: jnp.ndarray, radius: jnp.ndarray, blur: jnp.ndarray) -> jnp.ndarray:
+    """The disc's soft indicator at `dist` px from the centre: exactly 0.5 at the rim; a
+    logistic whose sd equals the blur's (the logistic scale is blur * sqrt(3) / pi)."""
+    scale = blur * (math.sqrt(3.0) / math.pi)
+    return jax.nn.sigmoid((radius - dist) / scale)
+
+
+def halo_profile(d: jnp.ndarray) -> jnp.ndarray:
+    """A smooth bump on 1 < d < HALO_OUTER (normalised distance), 0 with zero slope at both
+    ends, 1 in the middle."""
+    s = jnp.clip((d - 1.0) / (HALO_OUTER - 1.0), 0.0, 1.0)
+    return (4.0 * s * (1.0 - s)) ** 2
+
+
+def optics_delta(params: dict, features: jnp.ndarray) -> jnp.ndarray:
+    """The droplet's change of the pixel logit, (..., C), for features (..., C + 3 + K).
+
+    Free optics: the MLP's output. Anchored optics: with d = |(dx, dy)| / r and E the soft
+    disc (`edge_profile`, 0.5 at d = 1),
+
+        delta = E * inside + halo_profile(d) * (1 - 2 E) * h * |inside|,
+
+    where `inside` is the MLP's colour at the pixel's position pulled to d <= 1 - RIM_BAND
+    (so that the band inside the rim and everything outside it have the rim colour) and h
+    its halo ratio (> -0.05: the halo brightens). Outside the disc 0 <= E < 0.5; where the
+    rim is darker than the background (inside < 0), delta / inside = E - h H (1 - 2E) <
+    E + 0.05 (1 - 2E) < 0.5: along any ray the last crossing of half the rim colour is at
+    d = 1. A rim brighter than the background may spill into the halo ring.
+    """
+    if not is_anchored(params):
+        return apply_optics(params, features)
+    c = channels_of(params)
+    u, v, log_r = features[..., c], features[..., c + 1], features[..., c + 2]
+    d = jnp.sqrt(u**2 + v**2 + 1e-12)
+    pull = (1.0 - RIM_BAND) / jnp.maximum(d, 1.0 - RIM_BAND)
+    on_disc = features.at[..., c].set(u * pull).at[..., c + 1].set(v * pull)
+    out = apply_optics(params, on_disc)
+    inside, raw_halo = out[..., :c], out[..., c:]
+    radius = jnp.exp(log_r)
+    edge = edge_profile(d * radius, radius, edge_blur(params))[..., None]
+    halo = (halo_profile(d)[..., None] * (1.0 - 2.0 * edge)) * halo_ratio(raw_halo) * jnp.abs(inside)
+    return edge * inside + halo
 
 
 # --- the analytic droplet the default optics are fitted to -------------------------------
@@ -192,19 +310,21 @@ def fit_optics(
     seed: int = DEFAULT_FIT_SEED,
     batch: int = 4096,
     learning_rate: float = 3e-3,
+    anchored: bool = False,
 ) -> tuple[dict, float]:
-    """Fit the optics MLP to `target_fn(features) -> delta` by Adam on random inputs.
+    """Fit optics (free, or `anchored` with their edge blur) to `target_fn(features) -> delta`
+    by Adam on random inputs.
 
     Returns:
         (params, final mean squared error on a fresh batch).
     """
     key_init, key_data, key_eval = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = init_optics(key_init, channels, n_types)
+    params = (init_anchored if anchored else init_optics)(key_init, channels, n_types)
     schedule = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.02)
     opt = optax.adam(schedule)
 
     def loss_fn(p, feats):
-        return jnp.mean((apply_optics(p, feats) - target_fn(feats)) ** 2)
+        return jnp.mean((optics_delta(p, feats) - target_fn(feats)) ** 2)
 
     @jax.jit
     def step(carry, i):
@@ -221,25 +341,29 @@ def fit_optics(
     return params, float(loss_fn(params, test))
 
 
-def fit_default_optics(n_types: int = 3, channels: int = 3, steps: int = DEFAULT_FIT_STEPS):
-    """Fit the MLP to the analytic lens droplet; returns (params, mse)."""
+def fit_default_optics(n_types: int = 3, channels: int = 3, steps: int = DEFAULT_FIT_STEPS,
+                       anchored: bool = False):
+    """Fit the optics to the analytic lens droplet; returns (params, mse)."""
     target = functools.partial(lens_droplet, n_types=n_types, channels=channels)
-    return fit_optics(target, n_types, channels, steps=steps)
+    return fit_optics(target, n_types, channels, steps=steps, anchored=anchored)
 
 
 @functools.lru_cache(maxsize=8)
-def _default_optics_cached(n_types: int, channels: int) -> dict:
-    template = init_optics(jax.random.PRNGKey(0), channels, n_types)
-    if (n_types, channels) == (3, 3) and DEFAULT_OPTICS_FILE.exists():
-        loaded = serialization.from_bytes(template, DEFAULT_OPTICS_FILE.read_bytes())
+def _default_optics_cached(n_types: int, channels: int, anchored: bool) -> dict:
+    init = init_anchored if anchored else init_optics
+    path = ANCHORED_OPTICS_FILE if anchored else DEFAULT_OPTICS_FILE
+    template = init(jax.random.PRNGKey(0), channels, n_types)
+    if (n_types, channels) == (3, 3) and path.exists():
+        loaded = serialization.from_bytes(template, path.read_bytes())
         return jax.tree_util.tree_map(jnp.asarray, loaded)
     # Other K or C: fit once per process (about a minute on 2 cores at full length).
-    return fit_default_optics(n_types, channels, steps=1500)[0]
+    return fit_default_optics(n_types, channels, steps=1500, anchored=anchored)[0]
 
 
-def default_optics_params(n_types: int = 3, channels: int = 3) -> dict:
-    """Built-in optics weights: the shipped fit for K = C = 3, otherwise fitted on demand."""
-    return _default_optics_cached(int(n_types), int(channels))
+def default_optics_params(n_types: int = 3, channels: int = 3, anchored: bool = False) -> dict:
+    """Built-in optics weights (free, or `anchored`): the shipped fit for K = C = 3,
+    otherwise fitted on demand."""
+    return _default_optics_cached(int(n_types), int(channels), bool(anchored))
 
 
 def save_optics(params: dict, path: pathlib.Path) -> None:

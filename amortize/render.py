@@ -28,7 +28,7 @@ import numpy as np
 
 from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets, background_logits
-from amortize.optics import apply_optics, optics_features
+from amortize.optics import optics_delta, optics_features
 from amortize.program_store import stored_jit
 
 
@@ -278,7 +278,7 @@ def render_logits(
         weight = jnp.where(found, fade(d, config) * droplets.presence[idx], 0.0)
         colour = jax.nn.sigmoid(p["bg_logit"])
         feats = optics_features(colour, dx_r, dy_r, r, droplets.composition[idx])
-        return d, weight[:, None] * apply_optics(optics_params, feats)
+        return d, weight[:, None] * optics_delta(optics_params, feats)
 
     def shade(p):
         # Pixel coordinates from the flat index (not stored; see `GridLayout`). Padding

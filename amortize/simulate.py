@@ -147,11 +147,15 @@ def write_simulation(
     config: SimulationConfig | None = None,
     force: bool = False,
     progress: bool = True,
+    optics_params: dict | None = None,
+    optics_name: str | None = None,
 ) -> dict:
     """Write `n` simulated scenes to `out_dir` and return the manifest.
 
     Writes `scene_00000.png` + `scene_00000.csv`, ... and `manifest.json` last. Everything is
     validated before the directory is touched; each file is written atomically.
+    `optics_params` (default: the built-in droplet) draw the droplets; `optics_name` says in
+    the manifest where they come from.
     """
     validate_request(n, size)
     config = config or SimulationConfig()
@@ -159,7 +163,7 @@ def write_simulation(
     digits = max(5, len(str(n - 1)))
     start = time.perf_counter()
     files, total_overflow = [], 0
-    scenes = iter_simulation(n, size, seed, config)
+    scenes = iter_simulation(n, size, seed, config, optics_params)
     bar = tqdm(scenes, total=n, desc="simulate", unit="img", disable=None if progress else True, leave=False)
     for i, image, table, _, over in bar:
         stem = f"scene_{i:0{digits}d}"
@@ -176,7 +180,7 @@ def write_simulation(
         "coordinates": "px; centre of the top-left pixel is (0, 0); x right, y down",
         "density_unit": "droplet centres per 100 x 100 px",
         "config": to_dict(config),
-        "optics": "built-in lens-like droplet (amortize/assets/default_optics.msgpack)",
+        "optics": optics_name or "built-in lens-like droplet (amortize/assets/default_optics.msgpack)",
         "renderer_overflow": total_overflow,
         "versions": versions(),
         "wall_seconds": round(time.perf_counter() - start, 3),

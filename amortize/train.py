@@ -40,7 +40,7 @@ from amortize.encoder import EncoderConfig, encode, init_encoder
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.looks import LOOKS, look_params
 from amortize.losses import batch_set_loss
-from amortize.optics import default_optics_params
+from amortize.optics import channels_of, default_optics_params, is_anchored
 from amortize.overlay import draw_overlay
 from amortize.readout import ReadoutConfig, fit_readout, init_readout, simulated_examples
 from amortize.simulate import simulate_scene
@@ -152,14 +152,18 @@ def load_recipe(path: str | pathlib.Path) -> RunConfig:
 
 
 def _jitter_optics(key: jax.Array, optics_params: dict, jitter: float) -> dict:
-    """Scale the optics' output layer (the colour change) by exp(U(-jitter, jitter))."""
+    """Scale the optics' colour change by exp(U(-jitter, jitter)): the output layer, or for
+    anchored optics its inside-colour half (the halo is a ratio of it and the edge stays)."""
     if jitter == 0:
         return optics_params
     layers = optics_params["params"]
     last = max((k for k in layers if k.startswith("Dense_")), key=lambda k: int(k[6:]))
     factor = jnp.exp(jax.random.uniform(key, (), minval=-jitter, maxval=jitter))
+    if is_anchored(optics_params):
+        c = channels_of(optics_params)
+        factor = jnp.concatenate([jnp.full((c,), factor), jnp.ones((c,))])
     scaled = jax.tree_util.tree_map(lambda a: a * factor, layers[last])
-    return {"params": {**layers, last: scaled}}
+    return {**optics_params, "params": {**layers, last: scaled}}
 
 
 def _pick_look(key: jax.Array, optics_params: dict, run: RunConfig) -> dict:
@@ -167,6 +171,9 @@ def _pick_look(key: jax.Array, optics_params: dict, run: RunConfig) -> dict:
     cfg = run.train
     if not cfg.looks or cfg.look_fraction == 0:
         return optics_params
+    if is_anchored(optics_params):
+        raise BadArgument("train.looks", "the other looks are free optics; they cannot be mixed "
+                                         "with anchored optics (set look_fraction = 0)")
     scene = run.simulation.scene
     table = [optics_params] + [look_params(n, scene.n_types, scene.channels) for n in cfg.looks]
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *table)

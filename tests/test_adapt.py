@@ -104,3 +104,37 @@ def test_a_recipe_without_simulation_keeps_the_init_models(tmp_path):
     bare.write_text("[adapt]\nencoder_learning_rate = -1e-4\n")
     with pytest.raises(BadInput, match="encoder_learning_rate"):
         load_adapt_recipe(bare, ENCODER)
+
+
+def test_anchored_wake_sleep_learns_encoder_optics_and_blur_and_resumes(tmp_path, corpus_dir, optics):
+    """Issue 35: from the anchored built-in droplet, a wake-sleep run updates the encoder (wake
+    and sleep), the optics and their edge blur, keeps the read-out when asked, and a killed
+    run resumes where its last checkpoint left it."""
+    from amortize.optics import default_optics_params, edge_blur, is_anchored
+    from amortize.readout import ReadoutConfig, init_readout
+
+    run = load_adapt_recipe(RECIPE, ENCODER)
+    run = dataclasses.replace(run, adapt=dataclasses.replace(
+        run.adapt, optics_start="anchored", keep_readout=True, decoder_fit_steps=0))
+    corpus = load_corpus(corpus_dir, run.wake.crop)
+    work = tmp_path / "work"
+    init = init_encoder(jax.random.PRNGKey(0), ENCODER)
+    readout = {**init_readout(ReadoutConfig(), 3, 3), "fitted": np.ones((), np.int32)}
+    first = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, stop_after=1,
+                  init_readout=readout)
+    assert first["step"] == 1
+    after_wake, _, _ = load_model(work)
+    final = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, init_readout=readout)
+    assert final["step"] == run.adapt.steps == 4
+    params, _, _ = load_model(work)
+    start = default_optics_params(3, 3, anchored=True)
+    assert is_anchored(params["decoder"]["optics"])
+    assert float(edge_blur(params["decoder"]["optics"])) != pytest.approx(float(edge_blur(start)), abs=1e-7)
+
+    def changed(a, b):
+        return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: float(np.max(np.abs(u - v))), a, b)))
+
+    assert changed(after_wake["params"], init["params"]) > 0  # the wake step moved the encoder
+    assert changed(params["params"], after_wake["params"]) > 0  # and the resumed sleep steps did
+    assert changed(params["decoder"]["optics"]["params"], start["params"]) > 0
+    assert "readout" in params

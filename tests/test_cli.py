@@ -94,6 +94,7 @@ def test_bench_render_quick_prints_json_lines():
     records = [json.loads(line) for line in res.stdout.strip().splitlines()]
     names = {r["name"] for r in records}
     assert {"render_forward", "render_value_and_grad", "simulate_write"} <= names
+    assert {r.get("geometry") for r in records if r["name"] == "render_forward"} == {"free", "anchored"}
     assert all(np.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in records)
 
 

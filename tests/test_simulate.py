@@ -41,3 +41,29 @@ def test_images_are_not_blank(tiny_sim):
 def test_bad_requests(n, size):
     with pytest.raises(BadArgument):
         simulate(n, size)
+
+
+def test_cli_simulate_with_a_models_look(tmp_path):
+    """`--look MODEL` draws the droplets with the model's decoder: same scenes (same truth),
+    another appearance; a folder that is not a model is one line."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    from amortize import io
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "amortize.cli", "simulate", "--n", "1", "--size", "48", "40", "--seed", "3",
+           "--density", "40", "--radius-range", "3", "8", "--quiet"]
+    built_in, learned = tmp_path / "a", tmp_path / "b"
+    subprocess.run(cmd + ["--out", str(built_in)], check=True, timeout=300)
+    subprocess.run(cmd + ["--out", str(learned), "--look", str(root / "checkpoints" / "default")],
+                   check=True, timeout=300)
+    assert (built_in / "scene_00000.csv").read_text() == (learned / "scene_00000.csv").read_text()
+    a, b = (io.read_image(d / "scene_00000.png") for d in (built_in, learned))
+    assert np.abs(a - b).max() > 0.05
+    assert "decoder of the model" in json.loads((learned / "manifest.json").read_text())["optics"]
+    res = subprocess.run(cmd + ["--out", str(tmp_path / "c"), "--look", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
