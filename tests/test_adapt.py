@@ -138,3 +138,12 @@ def test_anchored_wake_sleep_learns_encoder_optics_and_blur_and_resumes(tmp_path
     assert changed(params["params"], after_wake["params"]) > 0  # and the resumed sleep steps did
     assert changed(params["decoder"]["optics"]["params"], start["params"]) > 0
     assert "readout" in params
+
+
+@pytest.mark.parametrize("name", ["adapt_default.toml", "adapt_anchored.toml", "adapt_droplets.toml"])
+def test_the_shipped_adaptation_recipes_parse(name):
+    run = load_adapt_recipe(RECIPE.parent / name, EncoderConfig())
+    assert run.adapt.steps > 0
+    if name == "adapt_anchored.toml":
+        assert run.adapt.optics_start == "anchored" and run.adapt.keep_readout
+        assert run.simulation.scene.min_separation == 0.5

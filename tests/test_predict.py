@@ -390,3 +390,28 @@ def test_mirror_average_makes_predictions_mirror_equivariant(tiny):
     assert len(a["x"]) == len(b["x"]) > 0
     np.testing.assert_allclose(np.sort(a["x"]), np.sort(95 - b["x"]), atol=1e-3)
     np.testing.assert_allclose(np.sort(a["comp_0"]), np.sort(b["comp_0"]), atol=1e-4)
+
+
+#: Regression bounds of the shipped default on the hand-checked slide droplets; its measured
+#: figures (recall 0.975, precision 0.906, centre RMSE 2.29 px, per-bin offsets up to 1.54 px)
+#: and issue 35's targets are in BENCHMARKS.md, "Real slide, hand-checked droplets".
+SLIDE_GUARD = {"recall": 0.95, "precision": 0.85, "rmse_px": 2.6, "bias_px": 1.8}
+
+
+def test_default_model_on_the_hand_checked_slide_droplets(default_predictor, shared_droplets_image):
+    """The shipped default on the real slide against benchmarks/slide_truth (a partial
+    truth, so precision only counts circles centred on labelled droplets). A guard against
+    regressions, not the targets: the default's positions are still biased by size."""
+    import pathlib
+
+    from amortize import io
+    from amortize.evaluate import match_tables, summarise
+
+    truth = io.read_table(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "slide_truth" /
+                          "slide_a_left.csv")
+    table = default_predictor.predict(io.read_image(shared_droplets_image))
+    metrics = summarise([match_tables(table, truth, partial=True)])
+    assert metrics["recall"] >= SLIDE_GUARD["recall"] and metrics["precision"] >= SLIDE_GUARD["precision"]
+    assert metrics["position_rmse_px"] <= SLIDE_GUARD["rmse_px"]
+    for name, b in metrics["bias_by_radius"].items():
+        assert abs(b["mean_dx_px"]) <= SLIDE_GUARD["bias_px"] and abs(b["mean_dy_px"]) <= SLIDE_GUARD["bias_px"], (name, b)
