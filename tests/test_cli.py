@@ -455,12 +455,15 @@ def test_predict_killed_at_random_moments_leaves_every_image_complete_or_absent(
         return proc, time.perf_counter() - start
 
     def complete(out):
+        """Images whose outputs are all there; the others must have none, unless the kill
+        came mid-commit: then the commit journal is there, and a rerun redoes the image."""
         found = names(out)
         done = 0
         for i in range(20):
             present = [f"im{i:02d}.{k}" in found for k in kinds]
-            assert all(present) or not any(present), (i, sorted(found))
-            done += all(present)
+            committing = f".im{i:02d}.amortize-commit" in found
+            assert all(present) or not any(present) or committing, (i, sorted(found))
+            done += all(present) and not committing
         return done
 
     whole = tmp_path / "whole"
