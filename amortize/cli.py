@@ -66,22 +66,9 @@ def check_simulate(args) -> None:
 def cmd_simulate(args) -> int:
     from amortize.simulate import write_simulation
 
-    optics = name = None
-    if args.look is not None:
-        from amortize.predict import Predictor
-
-        from amortize.config import SimulationConfig
-        from amortize.optics import channels_of, n_types_of
-
-        optics, name = Predictor.load(args.look).optics, f"decoder of the model {args.look}"
-        scene = (args.simulation or SimulationConfig()).scene
-        if (n_types_of(optics), channels_of(optics)) != (scene.n_types, scene.channels):
-            raise BadArgument("--look", f"{args.look} draws {n_types_of(optics)} composition types in "
-                                        f"{channels_of(optics)} channels; the scenes have {scene.n_types} "
-                                        f"in {scene.channels}")
     manifest = write_simulation(
         args.out, args.n, tuple(args.size), seed=args.seed, config=args.simulation,
-        force=args.force, progress=not args.quiet, optics_params=optics, optics_name=name,
+        force=args.force, progress=not args.quiet, look=args.look,
     )
     if not args.quiet:
         print(f"wrote {manifest['n']} scenes to {args.out} in {manifest['wall_seconds']} s")

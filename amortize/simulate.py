@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from amortize import io
 from amortize.config import SimulationConfig, to_dict, validate_request
 from amortize.droplets import Background, Droplets, table_columns, to_table
+from amortize.errors import BadArgument
 from amortize.model import droplet_model, scene_from_trace
 from amortize.nuisance import degrade
-from amortize.optics import default_optics_params
+from amortize.optics import channels_of, default_optics_params, n_types_of
 from amortize.render import overflow
 
 #: Pixels simulated per jitted batch; bounds memory for any image size.
@@ -128,6 +129,20 @@ def simulate(
     return Simulation(np.stack(images), tables, nuisance, total_overflow)
 
 
+def model_look(model: str | pathlib.Path, config: SimulationConfig) -> dict:
+    """The decoder optics of the model at `model`, checked against the scenes' types and
+    channels (`BadArgument` naming `--look` if they differ)."""
+    from amortize.predict import Predictor  # predict imports the training modules, which import this one
+
+    optics = Predictor.load(model).optics
+    scene = config.scene
+    drawn = (n_types_of(optics), channels_of(optics))
+    if drawn != (scene.n_types, scene.channels):
+        raise BadArgument("--look", f"{model} draws {drawn[0]} composition types in {drawn[1]} channels; "
+                                    f"the scenes have {scene.n_types} in {scene.channels}")
+    return optics
+
+
 def versions() -> dict[str, str]:
     names = ("amortize", "jax", "jaxlib", "numpyro", "flax", "numpy", "pillow")
     out = {"python": platform.python_version()}
@@ -147,18 +162,18 @@ def write_simulation(
     config: SimulationConfig | None = None,
     force: bool = False,
     progress: bool = True,
-    optics_params: dict | None = None,
-    optics_name: str | None = None,
+    look: str | pathlib.Path | None = None,
 ) -> dict:
     """Write `n` simulated scenes to `out_dir` and return the manifest.
 
     Writes `scene_00000.png` + `scene_00000.csv`, ... and `manifest.json` last. Everything is
     validated before the directory is touched; each file is written atomically.
-    `optics_params` (default: the built-in droplet) draw the droplets; `optics_name` says in
-    the manifest where they come from.
+    `look`, a model's path, draws the droplets with that model's decoder instead of the
+    built-in droplet (`model_look`).
     """
     validate_request(n, size)
     config = config or SimulationConfig()
+    optics_params = None if look is None else model_look(look, config)
     out = io.prepare_output_dir(out_dir, force)
     digits = max(5, len(str(n - 1)))
     start = time.perf_counter()
@@ -180,7 +195,8 @@ def write_simulation(
         "coordinates": "px; centre of the top-left pixel is (0, 0); x right, y down",
         "density_unit": "droplet centres per 100 x 100 px",
         "config": to_dict(config),
-        "optics": optics_name or "built-in lens-like droplet (amortize/assets/default_optics.msgpack)",
+        "optics": (f"decoder of the model {look}" if look is not None
+                   else "built-in lens-like droplet (amortize/assets/default_optics.msgpack)"),
         "renderer_overflow": total_overflow,
         "versions": versions(),
         "wall_seconds": round(time.perf_counter() - start, 3),

@@ -56,14 +56,18 @@ def test_recipe_takes_the_encoder_from_init(tmp_path):
         load_adapt_recipe(bad, ENCODER)
 
 
-def test_wake_sleep_cycle_resumes_refits_and_reloads_for_predict(tmp_path, corpus_dir, optics, capsys):
+def tiny_start(run, corpus_dir):
+    """(corpus, untrained encoder, a fitted-flagged read-out) for a tiny adaptation run."""
     from amortize.readout import ReadoutConfig, init_readout
 
-    run = load_adapt_recipe(RECIPE, ENCODER)
-    corpus = load_corpus(corpus_dir, run.wake.crop)
-    work = tmp_path / "work"
-    init = init_encoder(jax.random.PRNGKey(0), ENCODER)
     readout = {**init_readout(ReadoutConfig(), 3, 3), "fitted": np.ones((), np.int32)}
+    return load_corpus(corpus_dir, run.wake.crop), init_encoder(jax.random.PRNGKey(0), ENCODER), readout
+
+
+def test_wake_sleep_cycle_resumes_refits_and_reloads_for_predict(tmp_path, corpus_dir, optics, capsys):
+    run = load_adapt_recipe(RECIPE, ENCODER)
+    corpus, init, readout = tiny_start(run, corpus_dir)
+    work = tmp_path / "work"
     # Crash after the wake phase, then resume: the sleep phase refits the prior.
     first = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, stop_after=2,
                   init_readout=readout)
@@ -111,15 +115,12 @@ def test_anchored_wake_sleep_learns_encoder_optics_and_blur_and_resumes(tmp_path
     and sleep), the optics and their edge blur, keeps the read-out when asked, and a killed
     run resumes where its last checkpoint left it."""
     from amortize.optics import default_optics_params, edge_blur, is_anchored
-    from amortize.readout import ReadoutConfig, init_readout
 
     run = load_adapt_recipe(RECIPE, ENCODER)
     run = dataclasses.replace(run, adapt=dataclasses.replace(
         run.adapt, optics_start="anchored", keep_readout=True, decoder_fit_steps=0))
-    corpus = load_corpus(corpus_dir, run.wake.crop)
+    corpus, init, readout = tiny_start(run, corpus_dir)
     work = tmp_path / "work"
-    init = init_encoder(jax.random.PRNGKey(0), ENCODER)
-    readout = {**init_readout(ReadoutConfig(), 3, 3), "fitted": np.ones((), np.int32)}
     first = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, stop_after=1,
                   init_readout=readout)
     assert first["step"] == 1
