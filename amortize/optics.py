@@ -21,13 +21,14 @@ Two geometries (`optics_delta` tells them apart by the parameters' tree):
   radius (on ../shared/data/droplets the adapted optics put a droplet's contrast centroid
   2.8 px above its latent centre).
 * *anchored* (`init_anchored`): the footprint is the disc of radius r about (x, y), with a
-  soft edge whose width is a learned blur shared by the corpus (`edge.log_blur`), and the MLP only colours it: 2C outputs, the colour inside (read
-  at the pixel's position, but no closer to the rim than 1 - RIM_BAND radii) and a halo
-  ratio for the ring r ... 1.25 r. The halo vanishes at the rim and brightens (it darkens
-  by at most 5 % of the rim contrast), so where the rim is darker than the background, the
-  50 % transition between the background and the rim colour lies at exactly r in every
-  direction whatever the weights are. (A rim brighter than the background, such as a
-  caustic, may spill into the halo ring: real caustics do.)
+  soft edge whose width is a learned blur shared by the corpus (`edge.log_blur`), and the
+  MLP only colours it: 2C outputs, the colour inside (read at the pixel's position, but no
+  closer to the rim than 1 - RIM_BAND radii) and a tail colour for the ring r ... 1.5 r.
+  The tail has no component along the droplet's core colour (its colour at the centre): it
+  can add other colours or light outside the droplet (the yellow caustic below the droplets
+  of ../shared/data/droplets) but never continue the droplet's own contrast, so along the
+  core colour the 50 % transition between the background and the rim lies at exactly r in
+  every direction, whatever the weights are.
 """
 
 from __future__ import annotations
@@ -54,16 +55,15 @@ DEFAULT_FIT_SEED = 0
 DEFAULT_FIT_STEPS = 6000
 
 
-#: Anchored geometry: the halo ring's outer radius, in radii.
-HALO_OUTER = 1.25
-#: The halo brightens: it is h * |rim colour| with h in (-HALO_DARK_MAX, HALO_BRIGHT_MAX).
-#: Bright light just outside a droplet is real (the caustic that spills below the droplets of
-#: ../shared/data/droplets), but a dark ring outside the disc mimics a droplet drawn further
-#: out: fitted to that slide, a halo allowed half the rim's darkness drew the droplets' upper
-#: edge and the encoder learned to place them 1.2 px low. With at most 5 % darkening, the
-#: 50 % transition between the background and a rim darker than the background stays at r.
-HALO_BRIGHT_MAX = 1.5
-HALO_DARK_MAX = 0.05
+#: Anchored geometry: the tail outside the disc is flat out to TAIL_FLAT radii and gone at
+#: TAIL_OUTER (the renderer's default reach); its size is at most TAIL_MAX times the core
+#: colour's. Earlier tails that could darken in the droplet's own colour (a ring r ... 1.25 r
+#: allowed half the rim's darkness) drew the soft upper edge of the slide's droplets with the
+#: tail and let the disc sit 1.2 px low; one that could only brighten, per channel, could not
+#: draw the yellow light below them, and the discs grew to cover it.
+TAIL_FLAT = 1.2
+TAIL_OUTER = 1.5
+TAIL_MAX = 1.0
 #: Starting edge blur (Gaussian sd of the point-spread, px) of anchored optics.
 EDGE_BLUR_INIT = 0.7
 #: Anchored optics read the inside colour no closer to the rim than 1 - RIM_BAND radii: the
@@ -102,7 +102,7 @@ def init_optics(key: jax.Array, channels: int = 3, n_types: int = 3) -> dict:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def init_anchored(key: jax.Array, channels: int = 3, n_types: int = 3) -> dict:
-    """Random anchored optics: an MLP with 2C outputs (inside colour, halo ratio) and the
+    """Random anchored optics: an MLP with 2C outputs (inside colour, raw tail colour) and the
     edge blur."""
     module = OpticsMLP(channels=2 * channels)
     params = module.init(key, jnp.zeros((1, n_features(channels, n_types))))
@@ -181,13 +181,6 @@ def apply_optics(params: dict, features: jnp.ndarray) -> jnp.ndarray:
     return module_for(params).apply({"params": params["params"]}, features)
 
 
-def halo_ratio(raw: jnp.ndarray) -> jnp.ndarray:
-    """The halo as a multiple of the rim contrast |rim colour|, in (-HALO_DARK_MAX,
-    HALO_BRIGHT_MAX), 0 at raw = 0 and growing with it."""
-    span = HALO_BRIGHT_MAX + HALO_DARK_MAX
-    return -HALO_DARK_MAX + span * jax.nn.sigmoid(raw + jnp.log(HALO_DARK_MAX / HALO_BRIGHT_MAX))
-
-
 def edge_profile(dist: jnp.ndarray, radius: jnp.ndarray, blur: jnp.ndarray) -> jnp.ndarray:
     """The disc's soft indicator at `dist` px from the centre: exactly 0.5 at the rim; a
     logistic whose sd equals the blur's (the logistic scale is blur * sqrt(3) / pi)."""
@@ -195,11 +188,21 @@ def edge_profile(dist: jnp.ndarray, radius: jnp.ndarray, blur: jnp.ndarray) -> j
     return jax.nn.sigmoid((radius - dist) / scale)
 
 
-def halo_profile(d: jnp.ndarray) -> jnp.ndarray:
-    """A smooth bump on 1 < d < HALO_OUTER (normalised distance), 0 with zero slope at both
-    ends, 1 in the middle."""
-    s = jnp.clip((d - 1.0) / (HALO_OUTER - 1.0), 0.0, 1.0)
-    return (4.0 * s * (1.0 - s)) ** 2
+def tail_profile(d: jnp.ndarray) -> jnp.ndarray:
+    """Where the tail is drawn: 0 inside the disc (d <= 1), 1 out to TAIL_FLAT radii, then a
+    smooth fall to 0 at TAIL_OUTER."""
+    s = jnp.clip((d - TAIL_FLAT) / (TAIL_OUTER - TAIL_FLAT), 0.0, 1.0)
+    return jnp.where(d > 1.0, 0.5 * (1.0 + jnp.cos(jnp.pi * s)), 0.0)
+
+
+def tail_colour(raw: jnp.ndarray, core: jnp.ndarray) -> jnp.ndarray:
+    """The tail's colour (..., C) from the MLP's raw outputs: at most TAIL_MAX times the core
+    colour's size, with no component along the core colour (it may brighten away from it or
+    add other colours, never continue the droplet's own contrast)."""
+    size = jnp.sqrt(jnp.sum(core**2, axis=-1, keepdims=True) + 1e-12)
+    t = TAIL_MAX * size * raw / jnp.sqrt(1.0 + jnp.sum(raw**2, axis=-1, keepdims=True))
+    along = core / size
+    return t - jax.nn.relu(jnp.sum(t * along, axis=-1, keepdims=True)) * along
 
 
 def optics_delta(params: dict, features: jnp.ndarray) -> jnp.ndarray:
@@ -208,14 +211,15 @@ def optics_delta(params: dict, features: jnp.ndarray) -> jnp.ndarray:
     Free optics: the MLP's output. Anchored optics: with d = |(dx, dy)| / r and E the soft
     disc (`edge_profile`, 0.5 at d = 1),
 
-        delta = E * inside + halo_profile(d) * (1 - 2 E) * h * |inside|,
+        delta = E * inside + (1 - 2 E) * tail_profile(d) * tail,
 
     where `inside` is the MLP's colour at the pixel's position pulled to d <= 1 - RIM_BAND
-    (so that the band inside the rim and everything outside it have the rim colour) and h
-    its halo ratio (> -0.05: the halo brightens). Outside the disc 0 <= E < 0.5; where the
-    rim is darker than the background (inside < 0), delta / inside = E - h H (1 - 2E) <
-    E + 0.05 (1 - 2E) < 0.5: along any ray the last crossing of half the rim colour is at
-    d = 1. A rim brighter than the background may spill into the halo ring.
+    (so that the band inside the rim has the rim colour), `core` its colour at the centre,
+    and `tail` (`tail_colour`) a colour with no component along `core`. Projected on the
+    core colour, delta . core = E inside . core outside the disc (the tail adds nothing
+    there): along any ray whose rim has the droplet's contrast, the last crossing of half the
+    rim's contrast is at d = 1, and the tail (light refracted past the droplet, the yellow
+    caustic below the droplets of ../shared/data/droplets) cannot draw the droplet larger.
     """
     if not is_anchored(params):
         return apply_optics(params, features)
@@ -225,11 +229,12 @@ def optics_delta(params: dict, features: jnp.ndarray) -> jnp.ndarray:
     pull = (1.0 - RIM_BAND) / jnp.maximum(d, 1.0 - RIM_BAND)
     on_disc = features.at[..., c].set(u * pull).at[..., c + 1].set(v * pull)
     out = apply_optics(params, on_disc)
-    inside, raw_halo = out[..., :c], out[..., c:]
+    inside, raw_tail = out[..., :c], out[..., c:]
+    core = apply_optics(params, features.at[..., c].set(0.0).at[..., c + 1].set(0.0))[..., :c]
     radius = jnp.exp(log_r)
     edge = edge_profile(d * radius, radius, edge_blur(params))[..., None]
-    halo = (halo_profile(d)[..., None] * (1.0 - 2.0 * edge)) * halo_ratio(raw_halo) * jnp.abs(inside)
-    return edge * inside + halo
+    tail = ((1.0 - 2.0 * edge) * tail_profile(d)[..., None]) * tail_colour(raw_tail, core)
+    return edge * inside + tail
 
 
 # --- the analytic droplet the default optics are fitted to -------------------------------

@@ -153,7 +153,8 @@ def load_recipe(path: str | pathlib.Path) -> RunConfig:
 
 def _jitter_optics(key: jax.Array, optics_params: dict, jitter: float) -> dict:
     """Scale the optics' colour change by exp(U(-jitter, jitter)): the output layer, or for
-    anchored optics its inside-colour half (the halo is a ratio of it and the edge stays)."""
+    anchored optics its inside-colour half (the tail is bounded by the core colour, which
+    scales with it, and the edge stays)."""
     if jitter == 0:
         return optics_params
     layers = optics_params["params"]

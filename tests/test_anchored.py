@@ -10,8 +10,9 @@ import pytest
 from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets
 from amortize.optics import (
-    HALO_OUTER,
     RIM_BAND,
+    TAIL_MAX,
+    TAIL_OUTER,
     apply_optics,
     channels_of,
     coarser_grid,
@@ -25,6 +26,7 @@ from amortize.optics import (
     optics_delta,
     optics_features,
     sample_optics_inputs,
+    tail_colour,
 )
 from amortize.render import render_logits
 
@@ -40,7 +42,8 @@ def scaled(params, factor, blur):
 
 def ray_profiles(params, radius, key):
     """delta along 16 rays from the centre out to 1.6 r, (RAYS, T, C), the distances (T,) in
-    px, and each ray's rim colour (RAYS, C): the MLP's inside colour at the rim band."""
+    px, each ray's rim colour (RAYS, C) (the MLP's inside colour at the rim band) and the
+    core colour (C,) (its colour at the centre)."""
     k1, k2 = jax.random.split(key)
     colour = jax.random.uniform(k1, (3,), minval=0.2, maxval=0.9)
     comp = jax.random.uniform(k2, (3,))
@@ -53,52 +56,52 @@ def ray_profiles(params, radius, key):
     rim_feats = optics_features(colour, band * jnp.cos(angle), band * jnp.sin(angle), jnp.full(angle.shape, radius),
                                 comp)
     rim = apply_optics(params, rim_feats)[:, :3]
-    return np.asarray(optics_delta(params, feats)), np.asarray(t), np.asarray(rim)
+    core = apply_optics(params, optics_features(colour, jnp.zeros(()), jnp.zeros(()), jnp.float32(radius), comp))[:3]
+    return np.asarray(optics_delta(params, feats)), np.asarray(t), np.asarray(rim), np.asarray(core)
 
 
-def edge_positions(profiles, t, rim, min_contrast=0.02):
-    """Per ray and channel, the last distance at which delta / rim reaches 0.5 (the 50 %
-    contrast transition between the rim colour and the background; 1e-3 absorbs float32
-    rounding of the value there, exactly 0.5), for channels whose rim is darker than the
-    background (a bright rim may spill into the halo: `optics.optics_delta`)."""
+def edge_positions(profiles, t, rim, core, min_contrast=0.02):
+    """Per ray, the last distance at which the contrast along the core colour reaches half
+    the rim's (the 50 % transition between the rim and the background; 1e-3 absorbs float32
+    rounding of the value there, exactly 0.5), for rays whose rim has the core's contrast."""
+    along = core / np.linalg.norm(core)
     edges = []
     for ray in range(profiles.shape[0]):
-        for c in range(profiles.shape[2]):
-            if rim[ray, c] > -min_contrast:
-                continue
-            above = np.nonzero(profiles[ray, :, c] / rim[ray, c] >= 0.5 - 1e-3)[0]
-            edges.append(t[above[-1]] if above.size else 0.0)
+        rim_contrast = rim[ray] @ along
+        if rim_contrast < min_contrast:
+            continue
+        above = np.nonzero(profiles[ray] @ along / rim_contrast >= 0.5 - 1e-3)[0]
+        edges.append(t[above[-1]] if above.size else 0.0)
     return np.asarray(edges)
 
 
 @pytest.mark.parametrize("radius", [3.0, 8.0, 25.0])
 @pytest.mark.parametrize("factor", [1.0, 4.0, 15.0])
 def test_edge_lies_at_r_for_any_optics(radius, factor):
-    for seed in range(3):
+    measured = 0
+    for seed in range(4):
         key = jax.random.PRNGKey(100 * seed + int(radius))
         blur = float(jax.random.uniform(key, (), minval=0.3, maxval=2.5))
         params = scaled(init_anchored(jax.random.PRNGKey(seed), 3, 3), factor, blur)
-        profiles, t, rim = ray_profiles(params, radius, jax.random.fold_in(key, 1))
-        edges = edge_positions(profiles, t, rim)
-        assert edges.size >= RAYS // 2, "too few dark channels to measure"
+        edges = edge_positions(*ray_profiles(params, radius, jax.random.fold_in(key, 1)))
+        measured += edges.size
         assert np.all(np.abs(edges - radius) <= 0.3), (seed, edges.min(), edges.max())
+    assert measured >= 2 * RAYS, "too few rays with the core's contrast to measure"
 
 
 def test_footprint_is_a_symmetric_window():
-    """Beyond the halo ring and the blur's tail, no ray shows more than 5 % of its rim
-    contrast; free optics with the same weights paint well past it on some side."""
+    """Beyond the tail's reach and the blur's tail, no ray shows more than 5 % of the core
+    contrast."""
     radius, blur = 16.0, 0.8
-    outer = HALO_OUTER * radius + 4 * blur
+    outer = TAIL_OUTER * radius + 4 * blur
     params = scaled(init_anchored(jax.random.PRNGKey(7), 3, 3), 6.0, blur)
-    profiles, t, rim = ray_profiles(params, radius, jax.random.PRNGKey(8))
-    strong = np.abs(rim) > 0.05
-    relative = np.abs(profiles) / np.maximum(np.abs(rim), 1e-6)[:, None, :]
-    beyond = relative[:, t > outer, :]
-    assert np.all(beyond[np.broadcast_to(strong[:, None, :], beyond.shape)] < 0.05)
+    profiles, t, rim, core = ray_profiles(params, radius, jax.random.PRNGKey(8))
+    beyond = np.linalg.norm(profiles[:, t > outer, :], axis=-1)
+    assert np.all(beyond < 0.05 * np.linalg.norm(core))
 
 
 def test_the_blur_changes_the_edge_width_and_not_its_position():
-    """A constant colour (halo ratio 0): delta = E * colour, E a logistic in the distance."""
+    """A constant colour (no tail): delta = E * colour, E a logistic in the distance."""
     params = init_anchored(jax.random.PRNGKey(0), 3, 3)
     mlp = dict(jax.tree_util.tree_map(jnp.zeros_like, params["params"]))
     last = max((k for k in mlp if k.startswith("Dense_")), key=lambda k: int(k[6:]))
@@ -106,7 +109,7 @@ def test_the_blur_changes_the_edge_width_and_not_its_position():
     widths, edges = [], []
     for blur in (0.5, 2.0):
         params_b = {"params": mlp, "edge": {"log_blur": jnp.log(jnp.float32(blur))}}
-        profiles, t, rim = ray_profiles(params_b, 10.0, jax.random.PRNGKey(1))
+        profiles, t, rim, _ = ray_profiles(params_b, 10.0, jax.random.PRNGKey(1))
         share = profiles[0, :, 0] / rim[0, 0]
         edges.append(t[np.nonzero(share >= 0.5)[0][-1]])
         widths.append(t[np.nonzero(share >= 0.25)[0][-1]] - t[np.nonzero(share >= 0.75)[0][-1]])
@@ -162,27 +165,30 @@ def test_shipped_anchored_fit_resembles_the_built_in_droplet():
     assert mse < 0.1 * float(jnp.var(target))
 
 
-def test_halo_ratio_is_bounded_and_starts_at_zero():
-    from amortize.optics import HALO_BRIGHT_MAX, HALO_DARK_MAX, halo_ratio
+def test_tail_colour_is_bounded_and_never_continues_the_core_contrast():
+    raw = jax.random.normal(jax.random.PRNGKey(2), (512, 3)) * 30.0
+    core = jax.random.normal(jax.random.PRNGKey(3), (512, 3))
+    tail = np.asarray(tail_colour(raw, core))
+    size = np.linalg.norm(np.asarray(core), axis=-1)
+    assert np.all(np.linalg.norm(tail, axis=-1) <= TAIL_MAX * size + 1e-5)
+    assert np.all(np.sum(tail * np.asarray(core), axis=-1) <= 1e-5 * size)
+    np.testing.assert_allclose(np.asarray(tail_colour(jnp.zeros(3), core[0])), 0.0, atol=1e-7)
+    # A tail in a colour of its own (here brighter, against a dark core) keeps its size.
+    away = np.asarray(tail_colour(jnp.asarray([30.0, 30.0, 30.0]), jnp.asarray([-1.0, -1.0, -1.0])))
+    assert np.linalg.norm(away) > 0.9 * TAIL_MAX * math.sqrt(3)
 
-    raw = jnp.linspace(-40.0, 40.0, 101)
-    h = np.asarray(halo_ratio(raw))
-    assert np.all((h > -HALO_DARK_MAX - 1e-6) & (h < HALO_BRIGHT_MAX + 1e-6)) and HALO_DARK_MAX < 0.5
-    assert float(halo_ratio(jnp.float32(0.0))) == pytest.approx(0.0, abs=1e-6)
-    assert np.all(np.diff(h) >= 0)  # one raw output moves it one way
 
-
-def test_a_bright_rim_may_spill_but_a_dark_one_may_not():
-    """The halo brightens: beside a bright rim (a caustic) it can extend the brightness past
-    r, beside a dark rim it cannot extend the darkness."""
+def test_the_tail_colours_outside_the_disc_but_not_in_the_droplets_colour():
+    """A droplet darker in channel 0 whose tail asks to be darker in channel 0 and brighter in
+    channel 1: outside the disc only the brighter channel 1 shows."""
     params = init_anchored(jax.random.PRNGKey(0), 3, 3)
     mlp = dict(jax.tree_util.tree_map(jnp.zeros_like, params["params"]))
     last = max((k for k in mlp if k.startswith("Dense_")), key=lambda k: int(k[6:]))
-    # Channel 0 darker, channel 1 brighter than the background; the halo at its strongest.
-    mlp[last] = {**mlp[last], "bias": jnp.asarray([-1.0, 1.0, 0.0, 30.0, 30.0, 30.0])}
-    profiles, t, rim = ray_profiles({"params": mlp, "edge": {"log_blur": jnp.log(jnp.float32(0.5))}},
-                                    10.0, jax.random.PRNGKey(1))
-    share = profiles[0][:, :2] / rim[0][:2]
-    last_half = [t[np.nonzero(share[:, c] >= 0.5 - 1e-3)[0][-1]] for c in (0, 1)]
-    assert last_half[0] == pytest.approx(10.0, abs=2 * STEP)
-    assert last_half[1] > 10.5
+    mlp[last] = {**mlp[last], "bias": jnp.asarray([-1.0, 0.0, 0.0, -5.0, 5.0, 0.0])}
+    profiles, t, rim, core = ray_profiles({"params": mlp, "edge": {"log_blur": jnp.log(jnp.float32(0.5))}},
+                                          10.0, jax.random.PRNGKey(1))
+    outside = profiles[0][(t > 12.0) & (t < 12.5)]  # past the blur (E < 1e-3)
+    assert np.all(np.abs(outside[:, 0]) < 1e-3)
+    assert np.all(outside[:, 1] > 0.3)
+    share = profiles[0][:, 0] / rim[0][0]
+    assert t[np.nonzero(share >= 0.5 - 1e-3)[0][-1]] == pytest.approx(10.0, abs=2 * STEP)
