@@ -89,6 +89,11 @@ class AdaptConfig:
             "anchored", the built-in droplet in the anchored geometry (`amortize.optics`),
             whose latent x, y and r stay the droplet's centre and radius whatever the
             optics learn. The anchor steps simulate with the starting optics.
+        edge_blur_start: with anchored optics, the edge blur (px, the sd of the point
+            spread) the decoder starts from; 0 keeps the starting optics' own. The anchor
+            steps keep the starting optics' blur. A blur far below the microscope's lets the
+            wake settle on discs drawn too large with edges too sharp, a pair the encoder
+            then learns.
         keep_readout: keep the `--init` model's composition read-out even though the
             encoder learns (it reads the droplet's own pixels, so it suits an encoder that
             was fine-tuned rather than retrained).
@@ -110,6 +115,7 @@ class AdaptConfig:
     decoder_fit_learning_rate: float = 3e-3
     threshold: float = DEFAULT_THRESHOLD
     optics_start: str = "model"
+    edge_blur_start: float = 0.0
     keep_readout: bool = False
     seed: int = 0
     checkpoint_every: int = 50
@@ -130,6 +136,7 @@ class AdaptConfig:
         _check(self.decoder_fit_learning_rate > 0, "decoder_fit_learning_rate", "must be > 0")
         _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
         _check(self.optics_start in OPTICS_STARTS, "optics_start", f"must be one of {', '.join(OPTICS_STARTS)}")
+        _check(self.edge_blur_start >= 0, "edge_blur_start", "must be >= 0 (0: the starting optics' own)")
         _check(self.seed >= 0, "seed", "must be >= 0")
         for name in ("checkpoint_every", "log_every", "preview_every"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
@@ -399,18 +406,23 @@ def adapt(
     """
     workdir = pathlib.Path(workdir)
     check_types(run)  # a recipe built in code: nothing is created before it is checked
-    resolved = prepare_workdir(workdir, run)
     cfg = run.adapt
     if cfg.optics_start == "anchored" and not is_anchored(init_optics):
         scene0 = run.simulation.scene
         init_optics = default_optics_params(scene0.n_types, scene0.channels, anchored=True)
+    decoder_optics = init_optics
+    if cfg.edge_blur_start > 0:
+        if not is_anchored(init_optics):
+            raise BadInput("[adapt] edge_blur_start", "needs anchored optics (optics_start = \"anchored\")")
+        decoder_optics = {**init_optics, "edge": {"log_blur": jnp.log(jnp.float32(cfg.edge_blur_start))}}
+    resolved = prepare_workdir(workdir, run)
     own_writer = writer is None
     writer = TensorboardWriter(workdir / "logs") if own_writer else writer
     mgr = checkpoint.manager(workdir / checkpoint.CHECKPOINT_SUBDIR)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": init_params,
-        "decoder": {"optics": init_optics, "log_noise": jnp.log(jnp.float32(run.wake.noise_init))},
+        "decoder": {"optics": decoder_optics, "log_noise": jnp.log(jnp.float32(run.wake.noise_init))},
     }
     state["wake_opt"] = wake_optimizer(cfg).init({"encoder": state["params"], "decoder": state["decoder"]})
     state["sleep_opt"] = sleep_optimizer(cfg).init(state["params"])

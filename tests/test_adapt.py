@@ -10,7 +10,7 @@ from amortize.adapt import AdaptConfig, adapt, load_adapt_recipe
 from amortize.checkpoint import load_model
 from amortize.corpus import load_corpus
 from amortize.encoder import EncoderConfig, init_encoder
-from amortize.errors import BadInput
+from amortize.errors import BadArgument, BadInput
 from amortize.predict import Predictor
 from amortize.simulate import simulate
 from amortize.writers import NullWriter
@@ -141,10 +141,30 @@ def test_anchored_wake_sleep_learns_encoder_optics_and_blur_and_resumes(tmp_path
     assert "readout" in params
 
 
-@pytest.mark.parametrize("name", ["adapt_default.toml", "adapt_anchored.toml", "adapt_droplets.toml"])
+def test_edge_blur_start_sets_the_decoders_starting_blur_only(tmp_path, corpus_dir, optics):
+    from amortize.optics import edge_blur
+
+    run = load_adapt_recipe(RECIPE, ENCODER)
+    anchored = dataclasses.replace(run, adapt=dataclasses.replace(
+        run.adapt, optics_start="anchored", keep_readout=True, decoder_fit_steps=0, edge_blur_start=2.0))
+    corpus, init, readout = tiny_start(run, corpus_dir)
+    adapt(anchored, corpus, tmp_path / "a", init, optics, writer=NullWriter(), progress=False, stop_after=1,
+          init_readout=readout)
+    params, _, _ = load_model(tmp_path / "a")
+    # One wake step at the decoder's learning rate moves log(blur) by about 2e-3 at most.
+    assert float(edge_blur(params["decoder"]["optics"])) == pytest.approx(2.0, rel=0.02)
+    free = dataclasses.replace(run, adapt=dataclasses.replace(run.adapt, edge_blur_start=2.0))
+    with pytest.raises(BadInput, match="edge_blur_start.*anchored"):
+        adapt(free, corpus, tmp_path / "b", init, optics, writer=NullWriter(), progress=False)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(BadArgument, match="edge_blur_start"):
+        dataclasses.replace(run.adapt, edge_blur_start=-1.0)
+
+
+@pytest.mark.parametrize("name", ["adapt_default.toml", "adapt_droplets.toml"])
 def test_the_shipped_adaptation_recipes_parse(name):
     run = load_adapt_recipe(RECIPE.parent / name, EncoderConfig())
     assert run.adapt.steps > 0
-    if name == "adapt_anchored.toml":
+    if name == "adapt_default.toml":
         assert run.adapt.optics_start == "anchored" and run.adapt.keep_readout
         assert run.simulation.scene.min_separation == 0.5
