@@ -86,9 +86,10 @@ class AdaptConfig:
         decoder_fit_learning_rate: its Adam step.
         threshold: presence at which the refit counts a detection.
         optics_start: the decoder's starting optics: "model", the `--init` model's; or
-            "anchored", the built-in droplet in the anchored geometry (`amortize.optics`),
-            whose latent x, y and r stay the droplet's centre and radius whatever the
-            optics learn. The anchor steps simulate with the starting optics.
+            "anchored", anchored optics (`amortize.optics`), whose latent x, y and r stay
+            the droplet's centre and radius whatever the optics learn: the `--init`
+            model's when they are anchored already, else the built-in droplet in the
+            anchored geometry. The anchor steps simulate with the starting optics.
         edge_blur_start: with anchored optics, the edge blur (px, the sd of the point
             spread) the decoder starts from; 0 keeps the starting optics' own. The anchor
             steps keep the starting optics' blur. A blur far below the microscope's lets the
@@ -426,7 +427,7 @@ def adapt(
     }
     state["wake_opt"] = wake_optimizer(cfg).init({"encoder": state["params"], "decoder": state["decoder"]})
     state["sleep_opt"] = sleep_optimizer(cfg).init(state["params"])
-    state["decoder_opt"] = optax.adam(cfg.decoder_fit_learning_rate).init(init_optics)
+    state["decoder_opt"] = optax.adam(cfg.decoder_fit_learning_rate).init(decoder_optics)
     if (cfg.encoder_frozen or cfg.keep_readout) and init_readout is not None:
         state["readout"] = init_readout
     state, saved = resume_or_close(mgr, state, workdir, writer if own_writer else None)
