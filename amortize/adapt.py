@@ -76,6 +76,10 @@ class AdaptConfig:
         decoder_learning_rate: Adam step of the optics and noise (they start from a generic
             droplet and have further to go).
         sleep_learning_rate: Adam step of the encoder in the sleep phase.
+        sleep_end_fraction: the sleep step falls along a cosine, over the sleep steps of all
+            cycles, to this fraction of `sleep_learning_rate` (1: constant). An encoder
+            fine-tuned at a constant step ends as noisy as that step; a smaller last step
+            lets it settle.
         grad_clip: global norm clip of every update.
         anchor_fraction: share of sleep steps drawn from the recipe's own prior and the
             starting optics instead of the refitted ones, so that adapting to one corpus
@@ -108,6 +112,7 @@ class AdaptConfig:
     encoder_learning_rate: float = 1e-4
     decoder_learning_rate: float = 2e-3
     sleep_learning_rate: float = 1e-4
+    sleep_end_fraction: float = 1.0
     grad_clip: float = 1.0
     anchor_fraction: float = 0.5
     refit_crops: int = 32
@@ -130,6 +135,7 @@ class AdaptConfig:
         _check(self.encoder_learning_rate >= 0, "encoder_learning_rate", "must be >= 0")
         for name in ("decoder_learning_rate", "sleep_learning_rate", "grad_clip"):
             _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(0 < self.sleep_end_fraction <= 1, "sleep_end_fraction", "must be in (0, 1]")
         _check(0 <= self.anchor_fraction < 1, "anchor_fraction", "must be in [0, 1)")
         _check(self.refit_crops >= 1, "refit_crops", "must be >= 1")
         _check(self.decoder_fit_steps >= 0, "decoder_fit_steps", "must be >= 0")
@@ -243,7 +249,12 @@ def wake_optimizer(cfg: AdaptConfig):
 
 
 def sleep_optimizer(cfg: AdaptConfig):
-    return optax.flatten(optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.sleep_learning_rate)))
+    """The encoder's optimiser in sleep and anchor steps: one state over all cycles, so that
+    its step count (and the step size's cosine, `sleep_end_fraction`) runs across them."""
+    rate = cfg.sleep_learning_rate
+    if cfg.sleep_end_fraction < 1 and cfg.sleep_steps > 0:
+        rate = optax.cosine_decay_schedule(rate, cfg.cycles * cfg.sleep_steps, alpha=cfg.sleep_end_fraction)
+    return optax.flatten(optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(rate)))
 
 
 def make_wake_step(run: AdaptRun, kwargs: dict):
@@ -442,6 +453,7 @@ def adapt(
     compiled: dict = {}
     anchors: dict = {}  # the anchor step never changes: compile it once
     metrics_np: dict[str, float] = {}
+    unlogged: dict[str, dict[str, float]] = {}
     bar = tqdm(total=cfg.steps, initial=start, desc="adapt", unit="step", disable=not progress,
                dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -480,8 +492,13 @@ def adapt(
             done = step + 1
             done_here += 1
             bar.update(1)
+            unlogged[phase] = metrics_np
             if done % cfg.log_every == 0 or done == cfg.steps:
-                writer.scalars({f"{phase}/{k}": v for k, v in metrics_np.items()}, done)
+                # Every phase run since the last log: sleep and anchor steps alternate, and
+                # an even log_every would otherwise only ever show one of them.
+                for name, values in unlogged.items():
+                    writer.scalars({f"{name}/{k}": v for k, v in values.items()}, done)
+                unlogged.clear()
                 writer.scalars({"adapt/steps_per_second": done_here / max(time.perf_counter() - t0, 1e-9)}, done)
                 bar.set_postfix(phase=phase, loss=f"{metrics_np['loss']:.3f}", refresh=False)
             if done % cfg.preview_every == 0 or done == cfg.steps:

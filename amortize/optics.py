@@ -154,6 +154,27 @@ def coarser_grid(params: dict, k: float) -> dict:
     return out
 
 
+def with_edge_blur_scaled(params: dict, factor: jnp.ndarray) -> dict:
+    """Anchored optics whose edge blur is `factor` times theirs (the edge stays at r)."""
+    return {**params, "edge": {**params["edge"], "log_blur": params["edge"]["log_blur"] + jnp.log(factor)}}
+
+
+def with_shading_shifted(params: dict, du: jnp.ndarray, dv: jnp.ndarray) -> dict:
+    """Anchored optics whose colouring is moved by (du, dv) radii: the droplet's shading, its
+    caustic and the darkness along its rim move, and its disc and edge stay.
+
+    As in `coarser_grid`, the MLP reads dx / r and dy / r linearly in its first layer, so the
+    shift is one change of that layer's bias. Real droplets lit a little off axis have their
+    shading off centre; scenes drawn with shifted shading teach the encoder to read a
+    droplet's centre from its edge."""
+    layers = params["params"]
+    first = layers["Dense_0"]
+    c = channels_of(params)
+    kernel = first["kernel"]
+    shifted = {**first, "bias": first["bias"] - du * kernel[c] - dv * kernel[c + 1]}
+    return {**params, "params": {**layers, "Dense_0": shifted}}
+
+
 def n_types_of(params: dict) -> int:
     """K that the parameters were built for."""
     n_in = params["params"]["Dense_0"]["kernel"].shape[0]
@@ -213,13 +234,13 @@ def optics_delta(params: dict, features: jnp.ndarray) -> jnp.ndarray:
 
         delta = E * inside + (1 - 2 E) * tail_profile(d) * tail,
 
-    where `inside` is the MLP's colour at the pixel's position pulled to d <= 1 - RIM_BAND
-    (so that the band inside the rim has the rim colour), `core` its colour at the centre,
-    and `tail` (`tail_colour`) a colour with no component along `core`. Projected on the
-    core colour, delta . core = E inside . core outside the disc (the tail adds nothing
-    there): along any ray whose rim has the droplet's contrast, the last crossing of half the
-    rim's contrast is at d = 1, and the tail (light refracted past the droplet, the yellow
-    caustic below the droplets of ../shared/data/droplets) cannot draw the droplet larger.
+    where `inside` is the MLP's colour at the pixel's position pulled to
+    d <= 1 - RIM_BAND (so that the band inside the rim has the rim colour), `core` its colour
+    at the centre, and `tail` (`tail_colour`) a colour that never points along `core`.
+    Projected on the core colour, delta . core <= E inside . core outside the disc: along
+    any ray whose rim has the droplet's contrast, the last crossing of half the rim's
+    contrast is at d = 1, and the tail (light refracted past the droplet, the yellow caustic
+    below the droplets of ../shared/data/droplets) cannot draw the droplet larger.
     """
     if not is_anchored(params):
         return apply_optics(params, features)

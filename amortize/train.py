@@ -40,7 +40,9 @@ from amortize.encoder import EncoderConfig, encode, init_encoder
 from amortize.errors import AmortizeError, BadArgument, BadInput
 from amortize.looks import LOOKS, look_params
 from amortize.losses import batch_set_loss
-from amortize.optics import channels_of, default_optics_params, is_anchored
+from amortize.optics import (
+    channels_of, default_optics_params, is_anchored, with_edge_blur_scaled, with_shading_shifted,
+)
 from amortize.overlay import draw_overlay
 from amortize.readout import ReadoutConfig, fit_readout, init_readout, simulated_examples
 from amortize.simulate import simulate_scene
@@ -61,6 +63,12 @@ class TrainConfig:
         grad_clip: global gradient-norm clip.
         optics_jitter: each scene's droplet contrast is scaled by exp(U(-j, j)), so that the
             encoder does not lock onto one exact droplet appearance.
+        blur_jitter: with anchored optics, each scene's edge blur is scaled by exp(U(-j, j)),
+            so that the encoder reads a droplet's radius where its edge crosses half its
+            contrast, however soft the edge is.
+        shading_jitter: with anchored optics, each scene's droplet shading is moved by up to
+            j radii in a random direction (`optics.with_shading_shifted`), so that the
+            encoder reads a droplet's centre from its edge, not from where it is darkest.
         looks: other droplet appearances (`amortize.looks.LOOKS`: ring, disc, glow) mixed
             into the simulated scenes, so that the encoder also finds droplets that look
             nothing like the decoder's.
@@ -80,6 +88,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
     optics_jitter: float = 0.2
+    blur_jitter: float = 0.0
+    shading_jitter: float = 0.0
     looks: tuple[str, ...] = ()
     look_fraction: float = 0.5
     seed: int = 0
@@ -97,7 +107,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.grad_clip > 0, "grad_clip", "must be > 0")
         _check(self.seed >= 0, "seed", "must be >= 0")
-        _check(self.optics_jitter >= 0, "optics_jitter", "must be >= 0")
+        for name in ("optics_jitter", "blur_jitter", "shading_jitter"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
         unknown = sorted(set(self.looks) - set(LOOKS))
         _check(not unknown, "looks", f"unknown {unknown}; choose from {sorted(LOOKS)}")
         _check(0 <= self.look_fraction <= 1, "look_fraction", "must be in [0, 1]")
@@ -151,15 +162,30 @@ def load_recipe(path: str | pathlib.Path) -> RunConfig:
 # The jitted step
 
 
-def _jitter_optics(key: jax.Array, optics_params: dict, jitter: float) -> dict:
-    """Scale the optics' colour change by exp(U(-jitter, jitter)): the output layer, or for
-    anchored optics its inside-colour half (the tail is bounded by the core colour, which
-    scales with it, and the edge stays)."""
+def _jitter_optics(key: jax.Array, optics_params: dict, cfg: TrainConfig) -> dict:
+    """One scene's optics: the colour change scaled by exp(U(-j, j)) for j = optics_jitter
+    (the output layer, or for anchored optics its inside-colour half: the tail is bounded by
+    the core colour, which scales with it, and the edge stays); for anchored optics also the
+    edge blur and the shading's position (`blur_jitter`, `shading_jitter`)."""
+    k_contrast = key  # the contrast's draw as before these options, so old recipes reproduce
+    k_blur, k_shift, k_angle = jax.random.split(jax.random.fold_in(key, 1), 3)
+    if cfg.blur_jitter or cfg.shading_jitter:
+        if not is_anchored(optics_params):
+            raise BadArgument("train.blur_jitter", "blur_jitter and shading_jitter need anchored optics "
+                                                   "(set them to 0, or adapt with optics_start = \"anchored\")")
+        if cfg.blur_jitter:
+            factor = jnp.exp(jax.random.uniform(k_blur, (), minval=-cfg.blur_jitter, maxval=cfg.blur_jitter))
+            optics_params = with_edge_blur_scaled(optics_params, factor)
+        if cfg.shading_jitter:
+            length = cfg.shading_jitter * jax.random.uniform(k_shift, ())
+            angle = jax.random.uniform(k_angle, (), maxval=2 * jnp.pi)
+            optics_params = with_shading_shifted(optics_params, length * jnp.cos(angle), length * jnp.sin(angle))
+    jitter = cfg.optics_jitter
     if jitter == 0:
         return optics_params
     layers = optics_params["params"]
     last = max((k for k in layers if k.startswith("Dense_")), key=lambda k: int(k[6:]))
-    factor = jnp.exp(jax.random.uniform(key, (), minval=-jitter, maxval=jitter))
+    factor = jnp.exp(jax.random.uniform(k_contrast, (), minval=-jitter, maxval=jitter))
     if is_anchored(optics_params):
         c = channels_of(optics_params)
         factor = jnp.concatenate([jnp.full((c,), factor), jnp.ones((c,))])
@@ -192,7 +218,7 @@ def simulate_batch(key: jax.Array, run: RunConfig, optics_params: dict):
         k_optics, k_scene = jax.random.split(k)
         k_look, k_optics = jax.random.split(k_optics)
         optics = _pick_look(k_look, optics_params, run)
-        optics = _jitter_optics(k_optics, optics, cfg.optics_jitter)
+        optics = _jitter_optics(k_optics, optics, cfg)
         image, droplets, background, _ = simulate_scene(k_scene, cfg.crop, run.simulation, optics)
         return image, droplets, background
 

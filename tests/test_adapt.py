@@ -41,6 +41,31 @@ def test_phase_schedule():
     assert [cfg.phase(s) for s in range(4, 6)] == [("decoder", 2, 0), ("decoder", 2, 1)]
 
 
+def test_the_sleep_step_falls_to_its_end_fraction_over_all_cycles():
+    import jax.numpy as jnp
+
+    from amortize.adapt import sleep_optimizer
+
+    def steps(cfg):
+        """Adam's step sizes under a constant gradient (|update| = the learning rate)."""
+        tx = sleep_optimizer(cfg)
+        params = {"w": jnp.zeros(3)}
+        state, sizes = tx.init(params), []
+        for _ in range(cfg.cycles * cfg.sleep_steps):
+            updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+            sizes.append(float(jnp.abs(updates["w"][0])))
+        return np.asarray(sizes)
+
+    cfg = AdaptConfig(cycles=2, sleep_steps=5, sleep_learning_rate=1e-3, grad_clip=100.0, sleep_end_fraction=0.1)
+    sizes = steps(cfg)
+    assert sizes[0] == pytest.approx(1e-3, rel=1e-3)
+    assert sizes[-1] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 9 / 10))), rel=1e-3)
+    assert np.all(np.diff(sizes) < 0)
+    assert np.allclose(steps(dataclasses.replace(cfg, sleep_end_fraction=1.0)), 1e-3, rtol=1e-3)
+    with pytest.raises(BadArgument, match="sleep_end_fraction"):
+        AdaptConfig(sleep_end_fraction=0.0)
+
+
 def test_recipe_takes_the_encoder_from_init(tmp_path):
     run = load_adapt_recipe(RECIPE, ENCODER)
     assert run.encoder == ENCODER and run.adapt.cycles == 1 and run.wake.crop == (64, 64)
@@ -116,17 +141,28 @@ def test_anchored_wake_sleep_learns_encoder_optics_and_blur_and_resumes(tmp_path
     run resumes where its last checkpoint left it."""
     from amortize.optics import default_optics_params, edge_blur, is_anchored
 
+    class Recorder(NullWriter):
+        names: set = set()
+
+        def scalars(self, values, step):
+            self.names.update(values)
+
     run = load_adapt_recipe(RECIPE, ENCODER)
-    run = dataclasses.replace(run, adapt=dataclasses.replace(
-        run.adapt, optics_start="anchored", keep_readout=True, decoder_fit_steps=0))
+    run = dataclasses.replace(
+        run, adapt=dataclasses.replace(run.adapt, optics_start="anchored", keep_readout=True, decoder_fit_steps=0,
+                                       log_every=2),
+        train=dataclasses.replace(run.train, blur_jitter=0.5, shading_jitter=0.1))
     corpus, init, readout = tiny_start(run, corpus_dir)
     work = tmp_path / "work"
     first = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, stop_after=1,
                   init_readout=readout)
     assert first["step"] == 1
     after_wake, _, _ = load_model(work)
-    final = adapt(run, corpus, work, init, optics, writer=NullWriter(), progress=False, init_readout=readout)
+    recorder = Recorder()
+    final = adapt(run, corpus, work, init, optics, writer=recorder, progress=False, init_readout=readout)
     assert final["step"] == run.adapt.steps == 4
+    # Sleep and anchor steps alternate; both are logged although log_every is even.
+    assert {"wake/loss", "sleep/loss", "anchor/loss"} <= recorder.names
     params, _, _ = load_model(work)
     start = default_optics_params(3, 3, anchored=True)
     assert is_anchored(params["decoder"]["optics"])

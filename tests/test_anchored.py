@@ -27,6 +27,8 @@ from amortize.optics import (
     optics_features,
     sample_optics_inputs,
     tail_colour,
+    with_edge_blur_scaled,
+    with_shading_shifted,
 )
 from amortize.render import render_logits
 
@@ -192,3 +194,26 @@ def test_the_tail_colours_outside_the_disc_but_not_in_the_droplets_colour():
     assert np.all(outside[:, 1] > 0.3)
     share = profiles[0][:, 0] / rim[0][0]
     assert t[np.nonzero(share >= 0.5 - 1e-3)[0][-1]] == pytest.approx(10.0, abs=2 * STEP)
+
+
+@pytest.mark.parametrize("radius", [3.0, 8.0, 25.0])
+def test_moved_shading_and_scaled_blur_keep_the_edge_at_r(radius):
+    params = scaled(init_anchored(jax.random.PRNGKey(11), 3, 3), 4.0, 1.0)
+    for jittered in (with_shading_shifted(params, 0.15, -0.1), with_edge_blur_scaled(params, 2.5),
+                     with_shading_shifted(with_edge_blur_scaled(params, 0.4), -0.2, 0.05)):
+        edges = edge_positions(*ray_profiles(jittered, radius, jax.random.PRNGKey(12)))
+        assert edges.size >= RAYS // 2
+        assert np.all(np.abs(edges - radius) <= 0.3), (edges.min(), edges.max())
+
+
+def test_moved_shading_is_the_colouring_read_off_centre():
+    params = scaled(init_anchored(jax.random.PRNGKey(13), 3, 3), 3.0, 1.0)
+    du, dv = 0.15, -0.1
+    moved = with_shading_shifted(params, du, dv)
+    feats = sample_optics_inputs(jax.random.PRNGKey(14), 256, 3, 3)
+    feats = feats.at[..., 3:5].multiply(0.3).at[..., 5].set(math.log(25.0))  # well inside, r = 25 px
+    back = feats.at[..., 3].add(-du).at[..., 4].add(-dv)
+    np.testing.assert_allclose(np.asarray(optics_delta(moved, feats)), np.asarray(optics_delta(params, back)),
+                               atol=1e-4)
+    assert float(edge_blur(with_edge_blur_scaled(params, 2.5))) == pytest.approx(2.5, rel=1e-5)
+

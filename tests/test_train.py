@@ -69,6 +69,21 @@ def test_step_is_finite_and_reports_grad_norm():
     assert float(metrics["grad_norm"]) > 0
 
 
+def test_blur_and_shading_jitter_vary_anchored_scenes_and_refuse_free_optics():
+    base = RunConfig.tiny()
+    run = dataclasses.replace(base, train=dataclasses.replace(base.train, blur_jitter=0.7, shading_jitter=0.2))
+    anchored = default_optics_params(anchored=True)
+    key = jax.random.PRNGKey(3)
+    plain, truth, _ = train_mod.simulate_batch(key, base, anchored)
+    jittered, truth_j, _ = jax.jit(lambda k: train_mod.simulate_batch(k, run, anchored))(key)
+    assert np.all(np.isfinite(np.asarray(jittered)))
+    # The same scenes (droplets), drawn with another edge blur and shading.
+    np.testing.assert_array_equal(np.asarray(truth.x), np.asarray(truth_j.x))
+    assert float(jnp.abs(jittered - plain).max()) > 1e-3
+    with pytest.raises(BadArgument, match="anchored optics"):
+        train_mod.simulate_batch(key, run, default_optics_params())
+
+
 def test_train_resume_and_logs(tmp_path):
     run = RunConfig.tiny()
     writer = RecordingWriter()
