@@ -135,23 +135,25 @@ def channels_of(params: dict) -> int:
     return out // 2 if is_anchored(params) else out
 
 
-def coarser_grid(params: dict, k: float) -> dict:
-    """The same look drawn on a grid of pixels k times larger: a droplet of radius r there
-    looks like one of radius k * r here.
-
-    The MLP reads log r linearly in its first layer, so scaling every radius by k is a shift
-    of that layer's bias by log(k) times the log-radius row of its kernel (exact, and it keeps
-    the optics' parameter tree, so gradients to the optics still flow)."""
-    if k == 1:
-        return params
+def _with_inputs_offset(params: dict, offsets: dict) -> dict:
+    """The same MLP reading feature `row` plus `offsets[row]`: its first layer is linear, so
+    that is one shift of the layer's bias (exact, and it keeps the parameter tree, so
+    gradients to the optics still flow)."""
     layers = params["params"]
     first = layers["Dense_0"]
+    bias = first["bias"] + sum(amount * first["kernel"][row] for row, amount in offsets.items())
+    return {**params, "params": {**layers, "Dense_0": {**first, "bias": bias}}}
+
+
+def coarser_grid(params: dict, k: float) -> dict:
+    """The same look drawn on a grid of pixels k times larger: a droplet of radius r there
+    looks like one of radius k * r here: the MLP reads log r + log k, and an anchored edge
+    blur, in px, is k times smaller."""
+    if k == 1:
+        return params
     row = channels_of(params) + 2  # features: colour (C), dx / r, dy / r, log r, ...
-    shifted = {**first, "bias": first["bias"] + jnp.log(jnp.float32(k)) * first["kernel"][row]}
-    out = {**params, "params": {**layers, "Dense_0": shifted}}
-    if is_anchored(params):  # the blur, in px, is k times smaller on the coarser grid
-        out["edge"] = {**params["edge"], "log_blur": params["edge"]["log_blur"] - jnp.log(jnp.float32(k))}
-    return out
+    out = _with_inputs_offset(params, {row: jnp.log(jnp.float32(k))})
+    return with_edge_blur_scaled(out, 1.0 / jnp.float32(k)) if is_anchored(params) else out
 
 
 def with_edge_blur_scaled(params: dict, factor: jnp.ndarray) -> dict:
@@ -161,18 +163,13 @@ def with_edge_blur_scaled(params: dict, factor: jnp.ndarray) -> dict:
 
 def with_shading_shifted(params: dict, du: jnp.ndarray, dv: jnp.ndarray) -> dict:
     """Anchored optics whose colouring is moved by (du, dv) radii: the droplet's shading, its
-    caustic and the darkness along its rim move, and its disc and edge stay.
+    caustic and the darkness along its rim move, and its disc and edge stay (the MLP reads
+    dx / r - du and dy / r - dv).
 
-    As in `coarser_grid`, the MLP reads dx / r and dy / r linearly in its first layer, so the
-    shift is one change of that layer's bias. Real droplets lit a little off axis have their
-    shading off centre; scenes drawn with shifted shading teach the encoder to read a
-    droplet's centre from its edge."""
-    layers = params["params"]
-    first = layers["Dense_0"]
+    Real droplets lit a little off axis have their shading off centre; scenes drawn with
+    shifted shading teach the encoder to read a droplet's centre from its edge."""
     c = channels_of(params)
-    kernel = first["kernel"]
-    shifted = {**first, "bias": first["bias"] - du * kernel[c] - dv * kernel[c + 1]}
-    return {**params, "params": {**layers, "Dense_0": shifted}}
+    return _with_inputs_offset(params, {c: -du, c + 1: -dv})
 
 
 def n_types_of(params: dict) -> int:
