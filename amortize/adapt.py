@@ -48,7 +48,7 @@ from amortize.decoder_fit import fit_targets, make_fit_step
 from amortize.detect import DEFAULT_THRESHOLD, cell_droplets, to_droplet_table
 from amortize.encoder import EncoderConfig, encode
 from amortize.errors import BadInput
-from amortize.optics import default_optics_params, is_anchored
+from amortize.optics import default_optics_params, is_anchored, with_shading_blur
 from amortize.prior_fit import prior_summary, refit_scene
 from amortize.train import (
     RunConfig, TrainConfig, finite_metrics, make_train_step, prepare_workdir, resume_or_close,
@@ -99,6 +99,9 @@ class AdaptConfig:
             steps keep the starting optics' blur. A blur far below the microscope's lets the
             wake settle on discs drawn too large with edges too sharp, a pair the encoder
             then learns.
+        shading_blur: with anchored optics, let the decoder's point-spread blur the droplets'
+            shading as well as their edge (`optics.shading_keep`), so that small droplets,
+            which a blur as wide as themselves leaves evenly dark, are drawn so.
         keep_readout: keep the `--init` model's composition read-out even though the
             encoder learns (it reads the droplet's own pixels, so it suits an encoder that
             was fine-tuned rather than retrained).
@@ -122,6 +125,7 @@ class AdaptConfig:
     threshold: float = DEFAULT_THRESHOLD
     optics_start: str = "model"
     edge_blur_start: float = 0.0
+    shading_blur: bool = False
     keep_readout: bool = False
     seed: int = 0
     checkpoint_every: int = 50
@@ -426,7 +430,12 @@ def adapt(
     if cfg.edge_blur_start > 0:
         if not is_anchored(init_optics):
             raise BadInput("[adapt] edge_blur_start", "needs anchored optics (optics_start = \"anchored\")")
-        decoder_optics = {**init_optics, "edge": {"log_blur": jnp.log(jnp.float32(cfg.edge_blur_start))}}
+        decoder_optics = {**init_optics, "edge": {**init_optics["edge"],
+                                                  "log_blur": jnp.log(jnp.float32(cfg.edge_blur_start))}}
+    if cfg.shading_blur:
+        if not is_anchored(init_optics):
+            raise BadInput("[adapt] shading_blur", "needs anchored optics (optics_start = \"anchored\")")
+        decoder_optics = with_shading_blur(decoder_optics)
     resolved = prepare_workdir(workdir, run)
     own_writer = writer is None
     writer = TensorboardWriter(workdir / "logs") if own_writer else writer

@@ -20,7 +20,7 @@ import numpy as np
 
 from amortize.config import SceneConfig
 from amortize.droplets import Background, Droplets
-from amortize.optics import default_optics_params
+from amortize.optics import default_optics_params, with_shading_blur
 from amortize.render import render
 
 
@@ -59,10 +59,16 @@ def _geometry(anchored: bool) -> dict:
     return {"geometry": "anchored" if anchored else "free"}
 
 
+def _bench_optics(anchored: bool) -> dict:
+    """The built-in optics; anchored ones with the shading blur, as the shipped default draws."""
+    optics = default_optics_params(anchored=anchored)
+    return with_shading_blur(optics) if anchored else optics
+
+
 def bench_render_forward(shape, n, repeats=10, anchored=False) -> dict:
     """Forward render with the built-in optics, free or anchored (`amortize.optics`)."""
     droplets, background = random_scene(n, shape)
-    optics = default_optics_params(anchored=anchored)
+    optics = _bench_optics(anchored)
     ms = median_ms(lambda d: render(d, optics, background, shape), droplets, repeats=repeats)
     return {"name": "render_forward", "shape": [*shape, 3], "droplets": n, **_geometry(anchored), "median_ms": ms}
 
@@ -70,7 +76,7 @@ def bench_render_forward(shape, n, repeats=10, anchored=False) -> dict:
 def bench_render_grad(shape, n, repeats=10, anchored=False) -> dict:
     """Forward + gradient of a squared-error loss w.r.t. every latent and the optics."""
     droplets, background = random_scene(n, shape)
-    optics = default_optics_params(anchored=anchored)
+    optics = _bench_optics(anchored)
     target = jnp.full((*shape, 3), 0.5)
 
     @jax.jit

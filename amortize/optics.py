@@ -56,7 +56,8 @@ DEFAULT_FIT_STEPS = 6000
 
 
 #: Anchored geometry: the tail outside the disc is flat out to TAIL_FLAT radii and gone at
-#: TAIL_OUTER (the renderer's default reach); its size is at most TAIL_MAX times the core
+#: TAIL_OUTER (the renderer's default fade_start and reach; the renderer passes its own, so a
+#: recipe with a longer reach draws a longer tail); its size is at most TAIL_MAX times the core
 #: colour's. Earlier tails that could darken in the droplet's own colour (a ring r ... 1.25 r
 #: allowed half the rim's darkness) drew the soft upper edge of the slide's droplets with the
 #: tail and let the disc sit 1.2 px low; one that could only brighten, per channel, could not
@@ -70,6 +71,9 @@ EDGE_BLUR_INIT = 0.7
 #: band just inside the edge has the colour found there, so that a learned look cannot fade
 #: the droplet out before its rim and make it look smaller than its radius.
 RIM_BAND = 0.2
+#: Starting strength of the blur of the droplet's shading (`shading_blur`): the shading's
+#: variation across the droplet keeps exp(-(k * blur / r)^2 / 2) of itself, k = this.
+SHADING_BLUR_INIT = 2.0
 #: Where the shipped anchored fit of the built-in droplet lives (K = 3 types, C = 3 channels).
 ANCHORED_OPTICS_FILE = pathlib.Path(__file__).parent / "assets" / "default_optics_anchored.msgpack"
 
@@ -119,6 +123,30 @@ def edge_blur(params: dict) -> jnp.ndarray:
     the same for every droplet (a size-dependent blur, tried on ../shared/data/droplets,
     grew to 0.13 r and let small droplets be drawn a third too large)."""
     return jnp.exp(params["edge"]["log_blur"])
+
+
+def with_shading_blur(params: dict, strength: float = SHADING_BLUR_INIT) -> dict:
+    """Anchored optics whose point-spread also blurs the droplet's shading (see
+    `shading_keep`), starting at `strength`; optics that have it already keep theirs."""
+    if "log_shading_blur" in params["edge"]:
+        return params
+    return {**params, "edge": {**params["edge"], "log_shading_blur": jnp.log(jnp.float32(strength))}}
+
+
+def shading_keep(params: dict, radius: jnp.ndarray) -> jnp.ndarray:
+    """How much of the shading's variation across a droplet of `radius` px the point-spread
+    leaves: exp(-(k * blur / r)^2 / 2), a Gaussian blur's gain for a pattern whose wave
+    number is k / r, with k learned (`edge.log_shading_blur`). 1 for optics without it.
+
+    The MLP draws a droplet's shading sharp. Under a 2 px blur a droplet of radius 2-5 px shows
+    none of the caustic that a large one shows below its centre (on ../shared/data/droplets
+    their profiles are the same above and below), yet the MLP, which learned the caustic on
+    large droplets, drew the small ones dark above and light below; scenes drawn so taught the
+    encoder to put small droplets' centres 0.4 px low."""
+    if "log_shading_blur" not in params["edge"]:
+        return jnp.ones_like(radius)
+    k = jnp.exp(params["edge"]["log_shading_blur"])
+    return jnp.exp(-0.5 * (k * edge_blur(params) / radius) ** 2)
 
 
 def module_for(params: dict) -> OpticsMLP:
@@ -206,10 +234,10 @@ def edge_profile(dist: jnp.ndarray, radius: jnp.ndarray, blur: jnp.ndarray) -> j
     return jax.nn.sigmoid((radius - dist) / scale)
 
 
-def tail_profile(d: jnp.ndarray) -> jnp.ndarray:
-    """Where the tail is drawn: 0 inside the disc (d <= 1), 1 out to TAIL_FLAT radii, then a
-    smooth fall to 0 at TAIL_OUTER."""
-    s = jnp.clip((d - TAIL_FLAT) / (TAIL_OUTER - TAIL_FLAT), 0.0, 1.0)
+def tail_profile(d: jnp.ndarray, flat: float = TAIL_FLAT, outer: float = TAIL_OUTER) -> jnp.ndarray:
+    """Where the tail is drawn: 0 inside the disc (d <= 1), 1 out to `flat` radii, then a
+    smooth fall to 0 at `outer`."""
+    s = jnp.clip((d - flat) / (outer - flat), 0.0, 1.0)
     return jnp.where(d > 1.0, 0.5 * (1.0 + jnp.cos(jnp.pi * s)), 0.0)
 
 
@@ -223,8 +251,10 @@ def tail_colour(raw: jnp.ndarray, core: jnp.ndarray) -> jnp.ndarray:
     return t - jax.nn.relu(jnp.sum(t * along, axis=-1, keepdims=True)) * along
 
 
-def optics_delta(params: dict, features: jnp.ndarray) -> jnp.ndarray:
+def optics_delta(params: dict, features: jnp.ndarray, tail_flat: float = TAIL_FLAT,
+                 tail_outer: float = TAIL_OUTER) -> jnp.ndarray:
     """The droplet's change of the pixel logit, (..., C), for features (..., C + 3 + K).
+    The renderer passes its `fade_start` and `reach` as `tail_flat` and `tail_outer`.
 
     Free optics: the MLP's output. Anchored optics: with d = |(dx, dy)| / r and E the soft
     disc (`edge_profile`, 0.5 at d = 1),
@@ -232,8 +262,9 @@ def optics_delta(params: dict, features: jnp.ndarray) -> jnp.ndarray:
         delta = E * inside + (1 - 2 E) * tail_profile(d) * tail,
 
     where `inside` is the MLP's colour at the pixel's position pulled to
-    d <= 1 - RIM_BAND (so that the band inside the rim has the rim colour), `core` its colour
-    at the centre, and `tail` (`tail_colour`) a colour that never points along `core`.
+    d <= 1 - RIM_BAND (so that the band inside the rim has the rim colour), its variation
+    about `core`, the colour at the centre, kept in the part the blur leaves
+    (`shading_keep`), and `tail` (`tail_colour`) a colour that never points along `core`.
     Projected on the core colour, delta . core <= E inside . core outside the disc: along
     any ray whose rim has the droplet's contrast, the last crossing of half the rim's
     contrast is at d = 1, and the tail (light refracted past the droplet, the yellow caustic
@@ -250,8 +281,9 @@ def optics_delta(params: dict, features: jnp.ndarray) -> jnp.ndarray:
     inside, raw_tail = out[..., :c], out[..., c:]
     core = apply_optics(params, features.at[..., c].set(0.0).at[..., c + 1].set(0.0))[..., :c]
     radius = jnp.exp(log_r)
+    inside = core + shading_keep(params, radius)[..., None] * (inside - core)
     edge = edge_profile(d * radius, radius, edge_blur(params))[..., None]
-    tail = ((1.0 - 2.0 * edge) * tail_profile(d)[..., None]) * tail_colour(raw_tail, core)
+    tail = ((1.0 - 2.0 * edge) * tail_profile(d, tail_flat, tail_outer)[..., None]) * tail_colour(raw_tail, core)
     return edge * inside + tail
 
 

@@ -278,7 +278,8 @@ def render_logits(
         weight = jnp.where(found, fade(d, config) * droplets.presence[idx], 0.0)
         colour = jax.nn.sigmoid(p["bg_logit"])
         feats = optics_features(colour, dx_r, dy_r, r, droplets.composition[idx])
-        return d, weight[:, None] * optics_delta(optics_params, feats)
+        delta = optics_delta(optics_params, feats, tail_flat=config.fade_start, tail_outer=config.reach)
+        return d, weight[:, None] * delta
 
     def shade(p):
         # Pixel coordinates from the flat index (not stored; see `GridLayout`). Padding

@@ -177,22 +177,26 @@ def test_anchored_wake_sleep_learns_encoder_optics_and_blur_and_resumes(tmp_path
     assert "readout" in params
 
 
-def test_edge_blur_start_sets_the_decoders_starting_blur_only(tmp_path, corpus_dir, optics):
-    from amortize.optics import edge_blur
+def test_edge_blur_start_and_shading_blur_set_the_decoders_start_only(tmp_path, corpus_dir, optics):
+    from amortize.optics import SHADING_BLUR_INIT, edge_blur
 
     run = load_adapt_recipe(RECIPE, ENCODER)
     anchored = dataclasses.replace(run, adapt=dataclasses.replace(
-        run.adapt, optics_start="anchored", keep_readout=True, decoder_fit_steps=0, edge_blur_start=2.0))
+        run.adapt, optics_start="anchored", keep_readout=True, decoder_fit_steps=0, edge_blur_start=2.0,
+        shading_blur=True))
     corpus, init, readout = tiny_start(run, corpus_dir)
     adapt(anchored, corpus, tmp_path / "a", init, optics, writer=NullWriter(), progress=False, stop_after=1,
           init_readout=readout)
     params, _, _ = load_model(tmp_path / "a")
     # One wake step at the decoder's learning rate moves log(blur) by about 2e-3 at most.
     assert float(edge_blur(params["decoder"]["optics"])) == pytest.approx(2.0, rel=0.02)
-    free = dataclasses.replace(run, adapt=dataclasses.replace(run.adapt, edge_blur_start=2.0))
-    with pytest.raises(BadInput, match="edge_blur_start.*anchored"):
-        adapt(free, corpus, tmp_path / "b", init, optics, writer=NullWriter(), progress=False)
-    assert not (tmp_path / "b").exists()
+    strength = np.exp(float(params["decoder"]["optics"]["edge"]["log_shading_blur"]))
+    assert strength == pytest.approx(SHADING_BLUR_INIT, rel=0.02)
+    for option, value in (("edge_blur_start", 2.0), ("shading_blur", True)):
+        free = dataclasses.replace(run, adapt=dataclasses.replace(run.adapt, **{option: value}))
+        with pytest.raises(BadInput, match=f"{option}.*anchored"):
+            adapt(free, corpus, tmp_path / "b", init, optics, writer=NullWriter(), progress=False)
+        assert not (tmp_path / "b").exists()
     with pytest.raises(BadArgument, match="edge_blur_start"):
         dataclasses.replace(run.adapt, edge_blur_start=-1.0)
 

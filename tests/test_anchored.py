@@ -26,8 +26,10 @@ from amortize.optics import (
     optics_delta,
     optics_features,
     sample_optics_inputs,
+    shading_keep,
     tail_colour,
     with_edge_blur_scaled,
+    with_shading_blur,
     with_shading_shifted,
 )
 from amortize.render import render_logits
@@ -44,8 +46,9 @@ def scaled(params, factor, blur):
 
 def ray_profiles(params, radius, key):
     """delta along 16 rays from the centre out to 1.6 r, (RAYS, T, C), the distances (T,) in
-    px, each ray's rim colour (RAYS, C) (the MLP's inside colour at the rim band) and the
-    core colour (C,) (its colour at the centre)."""
+    px, each ray's rim colour (RAYS, C) (the inside colour drawn at the rim band: the MLP's,
+    its variation about the core kept as far as `shading_keep` says) and the core colour (C,)
+    (its colour at the centre)."""
     k1, k2 = jax.random.split(key)
     colour = jax.random.uniform(k1, (3,), minval=0.2, maxval=0.9)
     comp = jax.random.uniform(k2, (3,))
@@ -57,8 +60,8 @@ def ray_profiles(params, radius, key):
     band = 1.0 - RIM_BAND
     rim_feats = optics_features(colour, band * jnp.cos(angle), band * jnp.sin(angle), jnp.full(angle.shape, radius),
                                 comp)
-    rim = apply_optics(params, rim_feats)[:, :3]
     core = apply_optics(params, optics_features(colour, jnp.zeros(()), jnp.zeros(()), jnp.float32(radius), comp))[:3]
+    rim = core + shading_keep(params, jnp.float32(radius)) * (apply_optics(params, rim_feats)[:, :3] - core)
     return np.asarray(optics_delta(params, feats)), np.asarray(t), np.asarray(rim), np.asarray(core)
 
 
@@ -217,3 +220,71 @@ def test_moved_shading_is_the_colouring_read_off_centre():
                                atol=1e-4)
     assert float(edge_blur(with_edge_blur_scaled(params, 2.5))) == pytest.approx(2.5, rel=1e-5)
 
+
+
+def test_shading_keep_is_a_gaussian_blurs_gain():
+    params = scaled(init_anchored(jax.random.PRNGKey(15), 3, 3), 1.0, 2.0)
+    radius = jnp.asarray([1.0, 4.0, 40.0])
+    np.testing.assert_allclose(np.asarray(shading_keep(params, radius)), 1.0)  # optics without it
+    blurred = with_shading_blur(params, 1.5)
+    expected = np.exp(-0.5 * (1.5 * 2.0 / np.asarray(radius)) ** 2)
+    np.testing.assert_allclose(np.asarray(shading_keep(blurred, radius)), expected, rtol=1e-5)
+    assert with_shading_blur(blurred, 9.0) is blurred  # optics that have it keep theirs
+    feats = sample_optics_inputs(jax.random.PRNGKey(16), 256, 3, 3)
+    grads = jax.grad(lambda p: jnp.sum(optics_delta(p, feats) ** 2))(blurred)
+    assert np.isfinite(float(grads["edge"]["log_shading_blur"]))
+    assert abs(float(grads["edge"]["log_shading_blur"])) > 0
+
+
+def test_the_blurred_shading_evens_small_droplets_and_leaves_large_ones():
+    """Inside the rim band, a blurred droplet's colour varies about its core colour by the
+    blur's gain: hardly at all at r = 2 px under a 2 px blur, nearly as much as before at
+    r = 30 px."""
+    params = scaled(init_anchored(jax.random.PRNGKey(17), 3, 3), 4.0, 2.0)
+    blurred = with_shading_blur(params, 2.0)
+
+    def spread(p, radius):
+        profiles, t, _, core = ray_profiles(p, radius, jax.random.PRNGKey(18))
+        e = 1.0 / (1.0 + np.exp(-(radius - t) / (2.0 * math.sqrt(3.0) / math.pi)))  # the edge
+        inside = profiles[:, t < (1.0 - RIM_BAND) * radius] / e[t < (1.0 - RIM_BAND) * radius][None, :, None]
+        return float(np.abs(inside - core).max())
+
+    for radius in (2.0, 30.0):
+        gain = math.exp(-0.5 * (2.0 * 2.0 / radius) ** 2)  # 0.135 and 0.991
+        assert spread(blurred, radius) == pytest.approx(gain * spread(params, radius), rel=1e-3)
+
+
+@pytest.mark.parametrize("radius", [3.0, 8.0, 25.0])
+def test_blurred_shading_keeps_the_edge_at_r(radius):
+    for seed in range(3):
+        params = with_shading_blur(scaled(init_anchored(jax.random.PRNGKey(20 + seed), 3, 3), 8.0, 1.5), 3.0)
+        edges = edge_positions(*ray_profiles(params, radius, jax.random.PRNGKey(30 + seed)))
+        assert edges.size >= RAYS // 2
+        assert np.all(np.abs(edges - radius) <= 0.3), (seed, edges.min(), edges.max())
+
+
+def test_the_tail_reaches_as_far_as_the_renderer_draws():
+    """A tail in a colour of its own (channel 1 brighter, the droplet darker in channel 0):
+    with the default reach it is gone at 1.5 r; a recipe with reach 2 draws it out to 2 r,
+    and beyond the reach every pixel is the background's."""
+    params = init_anchored(jax.random.PRNGKey(0), 3, 3)
+    mlp = dict(jax.tree_util.tree_map(jnp.zeros_like, params["params"]))
+    last = max((k for k in mlp if k.startswith("Dense_")), key=lambda k: int(k[6:]))
+    mlp[last] = {**mlp[last], "bias": jnp.asarray([-1.0, 0.0, 0.0, 0.0, 5.0, 0.0])}
+    params = {"params": mlp, "edge": {"log_blur": jnp.log(jnp.float32(0.5))}}
+    x, y, r = 40.0, 40.0, 10.0
+    droplets = Droplets(jnp.asarray([x]), jnp.asarray([y]), jnp.asarray([r]), jnp.asarray([[0.3, 0.3, 0.4]]),
+                        jnp.ones(1))
+    colour = jnp.asarray([0.6, 0.5, 0.4])
+    bg = np.log(np.asarray(colour) / (1 - np.asarray(colour)))
+    yy, xx = np.mgrid[0:80, 0:80].astype(np.float32)
+    d = np.hypot(xx - x, yy - y) / r
+    for reach, fade_start in ((1.5, 1.2), (2.0, 1.6)):
+        config = RenderConfig(tile=8, levels=3, reach=reach, fade_start=fade_start)
+        change = np.asarray(render_logits(droplets, params, Background(colour, jnp.zeros((3, 5))), (80, 80), config)) - bg
+        ring = (d > 1.55) & (d < 1.6)  # past the default reach, within the longer one's flat part
+        if reach == 1.5:
+            assert np.all(np.abs(change[ring]) < 1e-6)
+        else:
+            assert np.all(change[ring][:, 1] > 0.3) and np.all(np.abs(change[ring][:, 0]) < 1e-3)
+        assert np.all(np.abs(change[d >= reach]) < 1e-6)
