@@ -186,6 +186,10 @@ class RenderConfig:
             the rim).
         fade_start: normalised distance at which the droplet's effect starts fading to 0 at
             `reach`, so that appearance is continuous where the nearest droplet changes.
+        edge_reach_px: every droplet is drawn at least this far (px) past its rim, its fade
+            scaled with it, so that a soft edge (the point spread of anchored optics) is not
+            cut off on small droplets: a 2 px soft edge runs 5-6 px past the rim, beyond
+            1.5 r for droplets under about 12 px. 0: `reach` alone. Tails keep `reach`.
         overlap_softness: 0 (the scene model) gives each pixel to the nearest droplet. A
             positive value tau blends the two nearest, the nearer weighted by
             sigmoid((d2 - d1) / tau) in normalised distance, so that gradients also see
@@ -199,6 +203,7 @@ class RenderConfig:
     tile_candidates: int = 16
     reach: float = 1.5
     fade_start: float = 1.2
+    edge_reach_px: float = 0.0
     overlap_softness: float = 0.0
 
     def __post_init__(self) -> None:
@@ -208,6 +213,7 @@ class RenderConfig:
         _check(self.tile_candidates >= 1, "tile_candidates", "must be >= 1")
         _check(self.reach > 1.0, "reach", "must be > 1 (a droplet covers at least its disc)")
         _check(0 < self.fade_start < self.reach, "fade_start", "need 0 < fade_start < reach")
+        _check(self.edge_reach_px >= 0, "edge_reach_px", "must be >= 0 (0: reach alone)")
         _check(self.overlap_softness >= 0, "overlap_softness", "must be >= 0")
 
     @property

@@ -99,9 +99,15 @@ def grid_layout(shape: tuple[int, int], config: RenderConfig) -> GridLayout:
     return GridLayout(shape, config)
 
 
+def droplet_reach(radius: jnp.ndarray, config: RenderConfig) -> jnp.ndarray:
+    """How far each droplet is drawn, in its radii: `reach`, or further for droplets whose
+    `edge_reach_px` past the rim lies beyond it."""
+    return jnp.maximum(config.reach, 1.0 + config.edge_reach_px / radius)
+
+
 def droplet_levels(radius: jnp.ndarray, config: RenderConfig) -> jnp.ndarray:
-    """Level of each droplet: the smallest whose cell side covers reach * radius."""
-    ratio = config.reach * radius / config.tile
+    """Level of each droplet: the smallest whose cell side covers its reach in px."""
+    ratio = droplet_reach(radius, config) * radius / config.tile
     level = jnp.ceil(jnp.log2(jnp.maximum(ratio, 1e-6)))
     return jnp.clip(level, 0, config.levels - 1).astype(jnp.int32)
 
@@ -159,15 +165,18 @@ def tile_candidates(
     gap_x = jnp.maximum(jnp.maximum(x0 - x, x - (x0 + t - 1)), 0.0)
     gap_y = jnp.maximum(jnp.maximum(y0 - y, y - (y0 + t - 1)), 0.0)
     dist = jnp.sqrt(gap_x**2 + gap_y**2) / r
-    score = jnp.where((cand >= 0) & (dist < config.reach), -dist, -jnp.inf)
+    score = jnp.where((cand >= 0) & (dist < droplet_reach(r, config)), -dist, -jnp.inf)
     k = min(config.tile_candidates, cand.shape[1])
     best, where = jax.lax.top_k(score, k)
     return jnp.where(jnp.isfinite(best), jnp.take_along_axis(cand, where, axis=1), -1)
 
 
-def fade(d: jnp.ndarray, config: RenderConfig) -> jnp.ndarray:
-    """1 up to fade_start, smoothly down to 0 at reach (C1-continuous)."""
-    s = jnp.clip((d - config.fade_start) / (config.reach - config.fade_start), 0.0, 1.0)
+def fade(d: jnp.ndarray, config: RenderConfig, reach: jnp.ndarray | float | None = None) -> jnp.ndarray:
+    """1 up to fade_start, smoothly down to 0 at reach (C1-continuous). A droplet's own
+    `reach` (`droplet_reach`) scales both."""
+    reach = config.reach if reach is None else reach
+    start = config.fade_start * (reach / config.reach)
+    s = jnp.clip((d - start) / (reach - start), 0.0, 1.0)
     return 1.0 - s * s * (3.0 - 2.0 * s)
 
 
@@ -275,7 +284,7 @@ def render_logits(
         dx_r = (p["x"] - droplets.x[idx]) / r
         dy_r = (p["y"] - droplets.y[idx]) / r
         d = jnp.sqrt(dx_r**2 + dy_r**2 + 1e-12)
-        weight = jnp.where(found, fade(d, config) * droplets.presence[idx], 0.0)
+        weight = jnp.where(found, fade(d, config, droplet_reach(r, config)) * droplets.presence[idx], 0.0)
         colour = jax.nn.sigmoid(p["bg_logit"])
         feats = optics_features(colour, dx_r, dy_r, r, droplets.composition[idx])
         delta = optics_delta(optics_params, feats, tail_flat=config.fade_start, tail_outer=config.reach)

@@ -9,6 +9,7 @@ import pytest
 
 from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets
+from amortize.errors import BadArgument
 from amortize.optics import (
     RIM_BAND,
     TAIL_MAX,
@@ -288,3 +289,35 @@ def test_the_tail_reaches_as_far_as_the_renderer_draws():
         else:
             assert np.all(change[ring][:, 1] > 0.3) and np.all(np.abs(change[ring][:, 0]) < 1e-3)
         assert np.all(np.abs(change[d >= reach]) < 1e-6)
+
+
+def test_edge_reach_draws_a_small_droplets_soft_edge_past_1_5_r():
+    """With a 2 px blur the edge of a 3 px droplet runs 5-6 px past its rim. The default reach
+    (1.5 r) cuts it off at 4.5 px from the centre; edge_reach_px = 6 draws it out to r + 6 px,
+    where it matches the anchored delta, while a large droplet keeps 1.5 r and its tail
+    its own reach."""
+    params = scaled(init_anchored(jax.random.PRNGKey(3), 3, 3), 3.0, 2.0)
+    colour = jnp.asarray([0.6, 0.5, 0.4])
+    background = Background(colour, jnp.zeros((3, 5)))
+    bg = np.log(np.asarray(colour) / (1 - np.asarray(colour)))
+    yy, xx = np.mgrid[0:96, 0:96].astype(np.float32)
+    comp = jnp.asarray([0.2, 0.7, 0.4])
+    for r in (3.0, 20.0):
+        x, y = 48.3, 47.6
+        droplets = Droplets(jnp.asarray([x]), jnp.asarray([y]), jnp.asarray([r]), comp[None], jnp.ones(1))
+        feats = optics_features(colour, (xx - x) / r, (yy - y) / r, jnp.full(xx.shape, r), comp)
+        expected = np.asarray(optics_delta(params, feats))
+        dist = np.hypot(xx - x, yy - y)
+        plain = np.asarray(render_logits(droplets, params, background, (96, 96), RenderConfig(tile=8, levels=4))) - bg
+        wide = np.asarray(render_logits(droplets, params, background, (96, 96),
+                                        RenderConfig(tile=8, levels=4, edge_reach_px=6.0))) - bg
+        if r == 3.0:
+            ring = (dist > 1.6 * r) & (dist < r + 4.0)  # past 1.5 r, before the wide fade starts
+            assert np.all(np.abs(plain[ring]) < 1e-6)
+            assert np.abs(expected[ring]).max() > 0.05
+            np.testing.assert_allclose(wide[ring], expected[ring], atol=1e-4)
+            assert np.all(np.abs(wide[dist >= r + 6.0]) < 1e-6)
+        else:  # 6 px is inside 1.5 r: nothing changes
+            np.testing.assert_array_equal(wide, plain)
+    with pytest.raises(BadArgument, match="edge_reach_px"):
+        RenderConfig(edge_reach_px=-1.0)
