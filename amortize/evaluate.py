@@ -15,11 +15,19 @@ slide). Every unlabelled droplet would then count as a false alarm, so with `par
 unmatched prediction is a false alarm only when its centre lies inside a labelled droplet's
 disc: a second circle on a labelled droplet, or one displaced off it. Precision then speaks
 for the labelled droplets only.
+
+A *region* labels every droplet of one window of an image (`<stem>.region.json` beside the
+truth table: {"x0", "y0", "x1", "y1"} in px, x0 <= x < x1 and y0 <= y < y1 of the centre). Only
+what is centred in the window is judged: a true droplet outside it is "don't care", and an
+unmatched prediction outside it is not a false alarm, so precision is measured in full inside
+the window. The truth should also label the droplets just around the window, so that a
+prediction near its border can be matched to the droplet it found.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import numpy as np
@@ -77,17 +85,28 @@ def match_pairs(pred: dict, truth: dict) -> tuple[np.ndarray, np.ndarray, np.nda
     return pairs, ok, dist
 
 
-def match_tables(pred: dict, truth: dict, rmin: float = 0.0, partial: bool = False) -> Matches:
-    """Match one image's predicted table to its ground truth (`partial`: see the module)."""
+def inside(table: dict, region: tuple[float, float, float, float] | None) -> np.ndarray:
+    """Whether each row's centre lies in `region` (x0, y0, x1, y1); all rows when None."""
+    x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
+    if region is None:
+        return np.ones(len(x), bool)
+    x0, y0, x1, y1 = region
+    return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+
+
+def match_tables(pred: dict, truth: dict, rmin: float = 0.0, partial: bool = False,
+                 region: tuple[float, float, float, float] | None = None) -> Matches:
+    """Match one image's predicted table to its ground truth (`partial`, `region`: see the
+    module)."""
     tr = np.asarray(truth["radius"], float)
-    care = tr >= rmin
+    care = (tr >= rmin) & inside(truth, region)
     pairs, ok, dist = match_pairs(pred, truth)
     matched_p = np.zeros(len(pred["x"]), bool)
     matched_p[pairs[:, 0]] = True
     counted = pairs[care[pairs[:, 1]]]
     # An unmatched prediction sitting on a don't-care droplet is not a false alarm either.
     near_ignored = (ok & ~care[None, :]).any(axis=1)
-    false_alarm = ~matched_p & ~near_ignored
+    false_alarm = ~matched_p & ~near_ignored & inside(pred, region)
     if partial:  # only predictions centred on a labelled droplet can be judged
         false_alarm &= (dist <= tr[None, :]).any(axis=1)
     fp = int(np.sum(false_alarm))
@@ -183,10 +202,23 @@ def bias_by_radius(matches: list[Matches]) -> dict:
     return report
 
 
+def read_region(path: pathlib.Path) -> tuple[float, float, float, float]:
+    """The labelled window (x0, y0, x1, y1) px of a `<stem>.region.json` file."""
+    try:
+        spec = json.loads(path.read_text())
+        region = tuple(float(spec[k]) for k in ("x0", "y0", "x1", "y1"))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise BadInput(path, f"not a region file with numbers x0, y0, x1, y1 ({err})") from None
+    if not (np.all(np.isfinite(region)) and region[0] < region[2] and region[1] < region[3]):
+        raise BadInput(path, f"the region needs x0 < x1 and y0 < y1, got {region}")
+    return region
+
+
 def evaluate_dirs(pred_dir, truth_dir, rmin: float = 0.0,
                   partial: bool = False) -> tuple[dict, list[AmortizeError]]:
     """Evaluate every `<stem>.csv` of `truth_dir` against `pred_dir/<stem>.csv` (`partial`:
-    the truth labels only some droplets; see the module).
+    the truth labels only some droplets; a `<stem>.region.json` beside a truth table: it
+    labels every droplet of that window; see the module).
 
     Returns:
         (metrics dict, errors for images that could not be evaluated).
@@ -200,20 +232,24 @@ def evaluate_dirs(pred_dir, truth_dir, rmin: float = 0.0,
     truths = sorted(truth_dir.glob("*.csv"))
     if not truths:
         raise BadInput(truth_dir, "no ground-truth .csv files")
-    matches, errors = [], []
+    matches, errors, regions = [], [], 0
     for truth_path in truths:
         try:
+            region_path = truth_path.with_suffix(".region.json")
+            region = read_region(region_path) if region_path.exists() else None
             pred = io.read_table(pred_dir / truth_path.name)
             truth = io.read_table(truth_path)
             for table, path in ((pred, pred_dir / truth_path.name), (truth, truth_path)):
                 missing = {"x", "y", "radius"} - set(table)
                 if missing:
                     raise BadInput(path, f"missing column(s) {', '.join(sorted(missing))}")
-            matches.append(match_tables(pred, truth, rmin, partial))
+            matches.append(match_tables(pred, truth, rmin, partial, region))
+            regions += region is not None
         except AmortizeError as err:
             errors.append(err)
     metrics = summarise(matches)
     metrics["rmin"] = rmin
     metrics["partial_truth"] = partial
+    metrics["labelled_regions"] = regions
     return metrics, errors
 

@@ -141,3 +141,54 @@ def test_cli_partial_truth_flag(tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
     full, part = (json.loads(r.stdout) for r in runs)
     assert full["precision"] == 0.5 and part["precision"] == 1.0 and part["partial_truth"] is True
+
+
+def test_region_judges_everything_centred_in_the_window_and_nothing_outside():
+    # Window x in [0, 50): droplets at x 20 and 48 inside; one at 60 labelled just outside.
+    truth = table([20.0, 48.0, 60.0], [20.0, 20.0, 20.0], [6.0, 6.0, 6.0])
+    region = (0.0, 0.0, 50.0, 40.0)
+    # A hit at 20; a false alarm in empty space inside (x 30, y 35); the droplet at 48 found
+    # 2.5 px off, centred across the border (x 50.5: matched, and it counts); the one outside
+    # found (not counted); a false alarm outside the window (x 90: not judged).
+    pred = table([20.2, 30.0, 50.5, 60.1, 90.0], [20.0, 35.0, 20.0, 20.0, 20.0], [6, 3, 6, 6, 4])
+    m = match_tables(pred, truth, region=region)
+    assert (m.tp, m.fp, m.fn) == (2, 1, 0)
+    missed = match_tables(table([60.0], [20.0], [6.0]), truth, region=region)
+    assert (missed.tp, missed.fp, missed.fn) == (0, 0, 2)
+    # Without the region every unmatched prediction counts, and the outer droplet too.
+    assert (lambda a: (a.tp, a.fp, a.fn))(match_tables(pred, truth)) == (3, 2, 0)
+
+
+def test_evaluate_dirs_reads_a_region_file_and_rejects_a_bad_one(tmp_path):
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    pred.mkdir()
+    truth.mkdir()
+    for stem in ("a", "b"):
+        io.write_table(truth / f"{stem}.csv", table([20.0], [20.0], [6.0]))
+        io.write_table(pred / f"{stem}.csv", table([20.1, 90.0], [20.0, 90.0], [6.0, 5.0]))
+    (truth / "a.region.json").write_text(json.dumps({"x0": 0, "y0": 0, "x1": 50, "y1": 50}))
+    metrics, errors = evaluate_dirs(pred, truth)
+    assert errors == [] and metrics["labelled_regions"] == 1
+    assert (metrics["tp"], metrics["fp"]) == (2, 1)  # b's stray circle counts, a's does not
+    (truth / "b.region.json").write_text(json.dumps({"x0": 50, "y0": 0, "x1": 10, "y1": 50}))
+    metrics, errors = evaluate_dirs(pred, truth)
+    assert len(errors) == 1 and "b.region.json" in str(errors[0]) and "x0 < x1" in str(errors[0])
+    assert metrics["images"] == 1
+
+
+def test_shipped_emulsion_truth_labels_a_full_window():
+    import pathlib
+
+    from amortize.evaluate import inside, read_region
+
+    truth_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "real_truth" / "emulsion"
+    region = read_region(truth_dir / "droplets.region.json")
+    truth = io.read_table(truth_dir / "droplets.csv")
+    assert inside(truth, region).sum() >= 100
+    x0, y0, x1, y1 = region
+    x, y, r = (np.asarray(truth[k]) for k in ("x", "y", "radius"))
+    assert np.all((x >= x0 - 40) & (x < x1 + 40) & (y >= y0 - 40) & (y < y1 + 40))
+    # One circle per droplet: droplets in the channel may overlap in depth (up to 6 px here),
+    # but no two circles share a droplet.
+    d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :]) + np.eye(len(x)) * 1e9
+    assert np.all(d >= 0.75 * (r[:, None] + r[None, :]))
