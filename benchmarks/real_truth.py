@@ -71,10 +71,16 @@ MIN_RAYS = 0.3
 MAX_GAP_DEG = 120.0
 
 #: set -> image -> settings. window: (x0, y0, x1, y1) in px, the fully labelled region;
-#: radii: the Hough search range (px).
+#: radii: the Hough search range (px); min_reach: how far past the outline's contrast peak (px,
+#: at least) the profile must fall to the outside level (the condensation droplets' bright rims
+#: fade out over ~4 px whatever the droplet's size); kind "rim": bright rims on a dark background.
 SETS: dict[str, dict[str, dict]] = {
     "emulsion": {
         "droplets.png": {"window": (380, 20, 640, 748), "radii": (7, 16)},
+    },
+    "condensation": {
+        "condensation.jpg": {"window": (1230, 520, 1780, 960), "radii": (2, 30), "kind": "rim",
+                             "min_reach": 4.0},
     },
 }
 MARGIN = 40  # px labelled around each window
@@ -88,11 +94,33 @@ EXCLUDED: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
         (607, 485), (611, 516), (482, 546), (453, 554), (523, 560), (455, 603), (522, 601),
         (537, 626), (481, 743), (541, 42), (493, 56), (488, 200), (507, 220), (552, 288),
         (507, 333), (525, 401), (478, 440), (509, 462), (492, 751)),
+    # Circles around a small droplet and its neighbour's rim, in the dark gaps between
+    # droplets, on bright beads where two rims touch, and a second circle on one droplet;
+    # beads on the rims of droplets cut by the margin's edge.
+    ("condensation", "condensation.jpg"): (
+        (1389, 557), (1418, 565), (1419, 574), (1446, 575), (1460, 566), (1620, 667),
+        (1613, 674), (1543, 797), (1544, 791), (1574, 810), (1301, 865), (1268, 913),
+        (1542, 827), (1545, 830), (1513, 854), (1361, 937), (1372, 951), (1375, 951),
+        (1759, 923), (1347, 983), (1450, 980), (1781, 674),
+        (1713, 485), (1714, 487), (1716, 489), (1747, 486), (1721, 493), (1733, 495),
+        (1740, 492), (1743, 491), (1809, 565), (1810, 568), (1811, 571), (1803, 601),
+        (1807, 597), (1810, 596), (1809, 649), (1804, 659), (1806, 654), (1801, 726),
+        (1804, 724), (1809, 721), (1797, 743), (1798, 746), (1801, 751), (1807, 755),
+        (1811, 757), (1808, 936), (1811, 960), (1806, 978), (1192, 654), (1198, 658),
+        (1200, 664), (1201, 670), (1195, 683), (1198, 679), (1200, 676), (1191, 685),
+        (1192, 940), (1193, 939), (1195, 937), (1198, 933), (1199, 929), (1381, 551),
+        (1224, 916), (1420, 992), (1794, 995)),
 }
 EXCLUDE_PX = 3.0
 #: Seeds added by eye for droplets without a circle: (set, image) -> ((x, y, r), ...).
 ADDED: dict[tuple[str, str], tuple[tuple[float, float, float], ...]] = {
     ("emulsion", "droplets.png"): ((570, 173, 12),),
+    ("condensation", "condensation.jpg"): (
+        (1246.7, 743.3, 23), (1529.6, 841.7, 21), (1501.7, 586.7, 25), (1588.3, 608.3, 21.7), (1686.7, 918.3, 24), (1595, 740, 8),
+        (1246.7, 828.3, 7), (1388.3, 831.7, 8), (1381.7, 885, 8), (1495, 869.3, 7.5),
+        (1358.3, 940, 6), (1373.3, 953.3, 5.5), (1395, 796.7, 6), (1723.3, 911.7, 6),
+        (1768.3, 710, 3), (1646.7, 725, 2), (1276.7, 933.3, 2.5), (1680, 860, 3),
+        (1721.7, 800, 3), (1633.3, 886.7, 2), (1741.7, 943.3, 2.5)),
 }
 
 
@@ -112,6 +140,13 @@ def outline_contrast(img: np.ndarray, sigma: float = 25.0) -> np.ndarray:
     return np.linalg.norm(img - bg, axis=2)
 
 
+def rim_contrast(img: np.ndarray) -> np.ndarray:
+    """Luminance above its local 10th percentile (bright rims on a dark background)."""
+    lum = img.mean(axis=2)
+    low = ndimage.percentile_filter(lum, 10, size=41)
+    return np.maximum(lum - ndimage.gaussian_filter(low, 10.0), 0.0)
+
+
 def hough_seeds(contrast: np.ndarray, radii: tuple[int, int]) -> np.ndarray:
     from skimage.feature import canny
     from skimage.transform import hough_circle, hough_circle_peaks
@@ -127,7 +162,8 @@ def hough_seeds(contrast: np.ndarray, radii: tuple[int, int]) -> np.ndarray:
     return np.stack([cx, cy, r], axis=1).astype(np.float64)
 
 
-def ray_edges(coef: np.ndarray, cx: float, cy: float, r0: float, tight: bool = True):
+def ray_edges(coef: np.ndarray, cx: float, cy: float, r0: float, tight: bool = True,
+              min_reach: float = 2.0):
     """Outer-outline points on N_RAYS rays from (cx, cy): (x, y, angle) of accepted rays."""
     ang = np.arange(N_RAYS) * 2 * np.pi / N_RAYS
     t = np.arange(0.0, 2.0 * r0 + 6.0, STEP)
@@ -141,7 +177,7 @@ def ray_edges(coef: np.ndarray, cx: float, cy: float, r0: float, tight: bool = T
     peaks = np.where(inner[None, :], d, -np.inf).max(axis=1)
     ref = np.median(peaks)
     out = []
-    reach = max(2.0, 0.35 * r0)
+    reach = max(min_reach, 0.35 * r0)
     for k in range(N_RAYS):
         p = peaks[k]
         if p < 0.4 * ref:
@@ -169,7 +205,8 @@ def ray_edges(coef: np.ndarray, cx: float, cy: float, r0: float, tight: bool = T
     return a[:, 0], a[:, 1], a[:, 2]
 
 
-def fit_droplet(coef: np.ndarray, seed, exact_radius: bool = False) -> tuple | None:
+def fit_droplet(coef: np.ndarray, seed, exact_radius: bool = False,
+                min_reach: float = 2.0) -> tuple | None:
     """Circle fitted to a droplet's outline from `seed` (x, y, r); None when it fails.
 
     A Hough seed's radius is rough (often the inner edge of a dark outline), so the first
@@ -179,7 +216,7 @@ def fit_droplet(coef: np.ndarray, seed, exact_radius: bool = False) -> tuple | N
     fit = None
     for round_ in range(4):  # the seed's radius is rough: the first round may reach further
         tight = exact_radius or round_ > 0
-        x, y, ang = ray_edges(coef, cx, cy, r, tight=tight)
+        x, y, ang = ray_edges(coef, cx, cy, r, tight=tight, min_reach=min_reach)
         if len(x) < (MIN_RAYS * N_RAYS if tight else 8):
             return None
         f = robust_circle(x, y)
@@ -197,13 +234,21 @@ def fit_droplet(coef: np.ndarray, seed, exact_radius: bool = False) -> tuple | N
 
 
 def dedupe(fits: np.ndarray) -> np.ndarray:
+    """Best fit of nearly coincident circles; no circle centred inside a much larger one.
+
+    A small circle centred inside a droplet twice its size is a spot on that droplet (the
+    dark centre of a condensation droplet, a bead of its rim), not a droplet of its own.
+    """
     order = np.argsort(fits[:, 3] / fits[:, 2], kind="stable")
     kept: list[int] = []
     for i in order:
-        if all(np.hypot(*(fits[i, :2] - fits[j, :2])) > 0.5 * min(fits[i, 2], fits[j, 2])
+        if all(np.hypot(*(fits[i, :2] - fits[j, :2])) > 0.5 * max(fits[i, 2], fits[j, 2])
                for j in kept):
             kept.append(i)
     out = fits[sorted(kept)]
+    d = np.hypot(out[:, None, 0] - out[None, :, 0], out[:, None, 1] - out[None, :, 1])
+    nested = ((d < out[None, :, 2]) & (out[None, :, 2] > 2.0 * out[:, None, 2])).any(axis=1)
+    out = out[~nested]
     return out[np.lexsort((out[:, 0], np.round(out[:, 1] / 20.0)))]
 
 
@@ -215,12 +260,14 @@ def label_image(path: pathlib.Path, settings: dict, added) -> np.ndarray:
     bx0, by0 = max(0, x0 - 2 * MARGIN), max(0, y0 - 2 * MARGIN)
     bx1, by1 = min(w, x1 + 2 * MARGIN), min(h, y1 + 2 * MARGIN)
     crop = img[by0:by1, bx0:bx1]
-    contrast = outline_contrast(crop)
+    contrast = (rim_contrast if settings.get("kind") == "rim" else outline_contrast)(crop)
     coef = ndimage.spline_filter(contrast, order=3)
     seeds = hough_seeds(contrast, settings["radii"])
     extra = np.array([(x - bx0, y - by0, r) for x, y, r in added], np.float64).reshape(-1, 3)
-    fits = [f for s in seeds if (f := fit_droplet(coef, s)) is not None]
-    fits += [f for s in extra if (f := fit_droplet(coef, s, exact_radius=True)) is not None]
+    reach = settings.get("min_reach", 2.0)
+    fits = [f for s in seeds if (f := fit_droplet(coef, s, min_reach=reach)) is not None]
+    fits += [f for s in extra
+             if (f := fit_droplet(coef, s, exact_radius=True, min_reach=reach)) is not None]
     fits = np.array(fits, np.float64).reshape(-1, 6)
     fits[:, 0] += bx0
     fits[:, 1] += by0

@@ -176,14 +176,15 @@ def test_evaluate_dirs_reads_a_region_file_and_rejects_a_bad_one(tmp_path):
     assert metrics["images"] == 1
 
 
-def test_shipped_emulsion_truth_labels_a_full_window():
+@pytest.mark.parametrize("stem", ["emulsion/droplets", "condensation/condensation"])
+def test_shipped_real_truth_labels_a_full_window(stem):
     import pathlib
 
     from amortize.evaluate import inside, read_region
 
-    truth_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "real_truth" / "emulsion"
-    region = read_region(truth_dir / "droplets.region.json")
-    truth = io.read_table(truth_dir / "droplets.csv")
+    base = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "real_truth" / stem
+    region = read_region(base.with_suffix(".region.json"))
+    truth = io.read_table(base.with_suffix(".csv"))
     assert inside(truth, region).sum() >= 100
     x0, y0, x1, y1 = region
     x, y, r = (np.asarray(truth[k]) for k in ("x", "y", "radius"))
