@@ -1,22 +1,32 @@
-"""Choosing the working scale of an image whose droplets are too small for the encoder.
+"""Choosing the working scale of an image whose droplets are too large or too small for the
+encoder.
 
-The encoder covers radii from its prior's smallest (1.5 px for the shipped model) upwards.
-In a micrograph shrunk so far that most droplets have radii of 1-3 px, many lie below that
-support and are missed or merged: the droplet slide downsampled 4x gives 943 droplets at
-scale 1 and 2704 when enlarged 4x (scale 0.25), with reconstruction RMSE 0.058 and 0.035.
-Enlarging every image would cost up to 16x the time and does not help images whose
-droplets are already resolved (on simulated scenes it makes the reconstruction worse). So
-`choose_scale`:
+The encoder covers radii from its prior's smallest (1.5 px for the shipped model) to its
+largest (40 px) at scale 1. Larger droplets are out of its view: a simulated droplet of
+r = 130 px is not found at all at scale 1, and is found with r = 129 px on the image shrunk 8x
+(scale 8), where the reconstruction RMSE falls from 0.123 to 0.075. Smaller droplets are
+missed or merged: the droplet slide downsampled 4x gives 943 droplets at scale 1 and 2704 when
+enlarged 4x (scale 0.25), with reconstruction RMSE 0.058 and 0.035. `choose_scale`:
 
-1. predicts at scale 1 and stops there when the median radius is at least
-   `SMALL_MEDIAN_RADIUS` px, which is the common case and costs nothing extra;
-2. otherwise halves the scale (enlarges the image 2x) while the decoder's reconstruction
-   error falls (by `MIN_GAIN` for the first halving, `MIN_FURTHER_GAIN` for later ones) and
-   the enlarged image stays within `MAX_PIXELS`, stopping once the droplets found have a
-   median radius of `SMALL_MEDIAN_RADIUS` work px.
+1. predicts at scale 1;
+2. **shrinks**: predicts on the image halved, quartered, ... down to a short side of
+   `MIN_SHRUNK_SIDE` px (together a third of scale 1's pixels). A shrunk scale whose droplets
+   have a median radius of at least `LARGE_MEDIAN_RADIUS` working px (droplets that are large
+   there, not fine detail near the encoder's smallest radii) is weighed by its reconstruction,
+   and predict moves to the scale whose droplets explain the whole image best, if that beats
+   scale 1's reconstruction RMSE by `MIN_SHRINK_GAIN`. Every scale is tried, not only until
+   the error stops falling: a scene of droplets of r 65 and 130 px explains the image a
+   little better at scale 2 than at 4 (the smaller droplet found alone), and much better at 8
+   (both found);
+3. **enlarges**, when it stayed at scale 1 and the droplets found have a median radius below
+   `SMALL_MEDIAN_RADIUS` px: halves the scale (enlarges the image 2x) while the
+   reconstruction error falls (by `MIN_GAIN` for the first halving, `MIN_FURTHER_GAIN` for
+   later ones) and the enlarged image stays within `MAX_PIXELS`, stopping once the droplets
+   found have a median radius of `SMALL_MEDIAN_RADIUS` work px.
 
-The reconstruction error is how well the generative model explains the image from each
-answer, so the scale whose answer explains it best wins; no radius threshold decides alone.
+The reconstruction error, always measured on the input image at its own size, is how well
+the generative model explains the image from each answer, so the scale whose answer explains
+it best wins; no radius threshold decides alone. A user never gives a droplet size.
 """
 
 from __future__ import annotations
@@ -42,6 +52,22 @@ MIN_GAIN = 0.05
 MIN_FURTHER_GAIN = 0.01
 #: Largest enlarged working image (pixels): 2048 x 2048, the largest encoded untiled.
 MAX_PIXELS = 2048 * 2048
+#: Shortest side (px) of a shrunk working image: the encoder's view of a droplet of its
+#: largest radius (40 px) needs about this much image around it.
+MIN_SHRUNK_SIDE = 64
+#: Relative fall in reconstruction RMSE needed to prefer a shrunk image over scale 1. On the
+#: droplet slide every shrunk scale explains the image worse (RMSE 0.028 at scale 1, 0.039 to
+#: 0.077 at 2 to 16); on simulated scenes of droplets of r 65-200 px the best shrunk scale
+#: gains 30-75 %.
+MIN_SHRINK_GAIN = 0.05
+#: Median radius (working px) that the droplets found on a shrunk image must reach for that
+#: scale to be weighed at all. What a shrunk image shows near the encoder's smallest radii is
+#: detail too fine for it (texture, droplets that scale 1 resolves), and a decoder that fits
+#: an image's look poorly explains that smoothed detail better than scale 1's answer: on the
+#: shared emulsion and condensation images, shrunk scales whose droplets had medians of 3.3 to
+#: 5.8 working px "won" by 5-20 % with a handful of circles. Droplets of r 60-300 px, shrunk
+#: to the scale that shows them best, have medians of 12-37 working px.
+LARGE_MEDIAN_RADIUS = 8.0
 
 
 class ScaleChoice(NamedTuple):
@@ -57,6 +83,16 @@ def median_work_radius(table: dict, scale: float) -> float:
     return float(np.median(r)) / scale if r.size else float("inf")
 
 
+def shrink_scales(shape: tuple[int, int]) -> list[float]:
+    """The shrunk scales tried for an image of `shape` (H, W): 2, 4, 8, ... while the short
+    side stays at least `MIN_SHRUNK_SIDE` px."""
+    scales, scale = [], 2.0
+    while min(shape[:2]) / scale >= MIN_SHRUNK_SIDE:
+        scales.append(scale)
+        scale *= 2
+    return scales
+
+
 def choose_scale(predictor, image: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
                  table: dict | None = None) -> ScaleChoice:
     """The working scale at which `predictor` best explains `image` (see the module notes).
@@ -65,11 +101,29 @@ def choose_scale(predictor, image: np.ndarray, threshold: float = DEFAULT_THRESH
     """
     if table is None:
         table = predictor.predict(image, threshold, 1.0)
-    if median_work_radius(table, 1.0) >= SMALL_MEDIAN_RADIUS:
-        return ScaleChoice(1.0, table, None, {})
     h, w = np.shape(image)[:2]
-    recon = predictor.reconstruct(image, table, 1.0)
-    best = ScaleChoice(1.0, table, recon, {1.0: rmse(image, recon)})
+    best = ScaleChoice(1.0, table, None, {})
+
+    def with_recon(choice: ScaleChoice) -> ScaleChoice:
+        """Scale 1's choice with its reconstruction, rendered once when first needed."""
+        if choice.recon is not None:
+            return choice
+        recon = predictor.reconstruct(image, table, 1.0)
+        return ScaleChoice(1.0, table, recon, {**choice.tried, 1.0: rmse(image, recon)})
+
+    for scale in shrink_scales((h, w)):
+        t = predictor.predict(image, threshold, scale)
+        if not len(t["radius"]) or median_work_radius(t, scale) < LARGE_MEDIAN_RADIUS:
+            continue
+        if best.scale == 1.0:
+            best = with_recon(best)
+        r = predictor.reconstruct(image, t, scale)
+        best.tried[scale] = err = rmse(image, r)
+        if err < (1.0 - MIN_SHRINK_GAIN) * best.tried[1.0] and err < best.tried[best.scale]:
+            best = ScaleChoice(scale, t, r, best.tried)
+    if best.scale > 1.0 or median_work_radius(table, 1.0) >= SMALL_MEDIAN_RADIUS:
+        return best
+    best = with_recon(best)
     scale = 0.5
     while h * w / scale**2 <= MAX_PIXELS:
         t = predictor.predict(image, threshold, scale)

@@ -296,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="presence to report (0-1; default: amortize.detect.DEFAULT_THRESHOLD, 0.4)")
     pr.add_argument("--scale", default="auto",
                     help="input px per encoder px; the default model covers radii 1.5-40 px "
-                    "at 1, use 2 for 3-80 px. Default auto: 1, unless most droplets are "
-                    "under 4 px and an enlarged image (0.5, 0.25) is reconstructed better")
+                    "at 1, 3-80 px at 2. Default auto: the image is also tried shrunk 2x, "
+                    "4x, ... (large droplets) or, when most droplets found are under 4 px, "
+                    "enlarged (0.5, 0.25), and the scale reconstructed best is kept")
     pr.add_argument("--reconstruction", action="store_true",
                     help="also write <stem>.recon.png, <stem>.residual.png and recon_rmse")
     pr.add_argument("--max-pixels", type=_pixel_count, default=DEFAULT_MAX_PIXELS,
