@@ -235,6 +235,12 @@ class NuisanceConfig:
         jpeg_probability: chance that a scene goes through JPEG-like compression.
         jpeg_quality_min, jpeg_quality_max: quality range (JPEG scale 1..100).
         quantize: round the final image to 8 bits, as a saved PNG would be.
+        clutter_probability: chance that a scene carries clutter that is not a droplet
+            (`amortize.clutter`: lines and channel walls, a scale bar, text, fibres,
+            vignetting); each kind then appears with chance 1/2. 0 draws none.
+        clutter_lines: most straight lines (or channel wall pairs) per cluttered scene.
+        clutter_fibres: most curved fibres per cluttered scene.
+        vignette_max: largest darkening of the corners of a cluttered scene (fraction).
     """
 
     blur_sigma_max: float = 1.2
@@ -242,6 +248,10 @@ class NuisanceConfig:
     jpeg_quality_min: float = 40.0
     jpeg_quality_max: float = 95.0
     quantize: bool = True
+    clutter_probability: float = 0.0
+    clutter_lines: int = 3
+    clutter_fibres: int = 2
+    vignette_max: float = 0.3
 
     def __post_init__(self) -> None:
         _check(self.blur_sigma_max >= 0, "blur_sigma_max", "must be >= 0")
@@ -251,6 +261,10 @@ class NuisanceConfig:
             "jpeg_quality_min/max",
             "need 1 <= min <= max <= 100",
         )
+        _check(0 <= self.clutter_probability <= 1, "clutter_probability", "must be in [0, 1]")
+        _check(self.clutter_lines >= 0, "clutter_lines", "must be >= 0")
+        _check(self.clutter_fibres >= 0, "clutter_fibres", "must be >= 0")
+        _check(0 <= self.vignette_max < 1, "vignette_max", "must be in [0, 1)")
 
     @classmethod
     def tiny(cls) -> "NuisanceConfig":

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import jax.scipy.signal
 import numpy as np
 
+from amortize.clutter import add_clutter
 from amortize.config import NuisanceConfig
 
 
@@ -182,7 +183,8 @@ def jpeg_like(image: jnp.ndarray, quality: jnp.ndarray) -> jnp.ndarray:
 def degrade(
     key: jax.Array, clean: jnp.ndarray, noise: jnp.ndarray, config: NuisanceConfig
 ) -> tuple[jnp.ndarray, dict]:
-    """Blur, add pixel noise, maybe JPEG-compress and quantise a rendered (H, W, C) image.
+    """Maybe add clutter, then blur, add pixel noise, maybe JPEG-compress and quantise a
+    rendered (H, W, C) image.
 
     Returns:
         (image in [0, 1], the drawn nuisance values as a dict of scalars).
@@ -190,6 +192,8 @@ def degrade(
     k_blur, k_noise, k_jpeg, k_quality = jax.random.split(key, 4)
     sigma = jax.random.uniform(k_blur, (), maxval=config.blur_sigma_max)
     image = clean
+    if config.clutter_probability > 0:  # its own stream: scenes without clutter stay as they were
+        image = add_clutter(jax.random.fold_in(key, 1), image, config)
     if config.blur_sigma_max > 0:
         image = gaussian_blur(image, sigma, config.blur_sigma_max)
     image = jnp.clip(image + noise * jax.random.normal(k_noise, image.shape), 0.0, 1.0)
