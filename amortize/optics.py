@@ -345,10 +345,12 @@ def lens_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndar
     return delta * (0.8 + 0.4 * colour)
 
 
-def sample_optics_inputs(key: jax.Array, n: int, n_types: int, channels: int) -> jnp.ndarray:
-    """Random MLP inputs covering what the renderer feeds it (d up to the render reach)."""
+def sample_optics_inputs(key: jax.Array, n: int, n_types: int, channels: int,
+                         colour_range: tuple[float, float] = (0.25, 0.9)) -> jnp.ndarray:
+    """Random MLP inputs covering what the renderer feeds it (d up to the render reach), on
+    backgrounds of colour values in `colour_range`."""
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-    colour = jax.random.uniform(k1, (n, channels), minval=0.25, maxval=0.9)
+    colour = jax.random.uniform(k1, (n, channels), minval=colour_range[0], maxval=colour_range[1])
     angle = jax.random.uniform(k2, (n,), maxval=2 * jnp.pi)
     d = 1.6 * jnp.sqrt(jax.random.uniform(k3, (n,)))
     log_r = jax.random.uniform(k4, (n,), minval=jnp.log(0.4), maxval=jnp.log(45.0))
@@ -366,9 +368,10 @@ def fit_optics(
     batch: int = 4096,
     learning_rate: float = 3e-3,
     anchored: bool = False,
+    colour_range: tuple[float, float] = (0.25, 0.9),
 ) -> tuple[dict, float]:
     """Fit optics (free, or `anchored` with their edge blur) to `target_fn(features) -> delta`
-    by Adam on random inputs.
+    by Adam on random inputs, on backgrounds with colour values in `colour_range`.
 
     Returns:
         (params, final mean squared error on a fresh batch).
@@ -384,7 +387,8 @@ def fit_optics(
     @jax.jit
     def step(carry, i):
         p, state = carry
-        feats = sample_optics_inputs(jax.random.fold_in(key_data, i), batch, n_types, channels)
+        feats = sample_optics_inputs(jax.random.fold_in(key_data, i), batch, n_types, channels,
+                                     colour_range)
         loss, grads = jax.value_and_grad(loss_fn)(p, feats)
         updates, state = opt.update(grads, state, p)
         return (optax.apply_updates(p, updates), state), loss
@@ -392,7 +396,7 @@ def fit_optics(
     carry = (params, opt.init(params))
     carry, _ = jax.lax.scan(step, carry, jnp.arange(steps))
     params = carry[0]
-    test = sample_optics_inputs(key_eval, 16384, n_types, channels)
+    test = sample_optics_inputs(key_eval, 16384, n_types, channels, colour_range)
     return params, float(loss_fn(params, test))
 
 

@@ -51,3 +51,36 @@ def test_unknown_look_is_rejected():
         TrainConfig(looks=("sparkle",))
     with pytest.raises(BadArgument, match="look_fraction"):
         TrainConfig(looks=("glow",), look_fraction=1.5)
+
+
+def _delta_at(look, d, background=0.6):
+    feats = optics_features(jnp.full((1, 3), background), jnp.full(1, d), jnp.zeros(1), jnp.full(1, 10.0),
+                            jnp.full((1, 3), 0.5))
+    return float(np.mean(np.asarray(LOOKS[look](feats, 3, 3))[0]))
+
+
+@pytest.mark.parametrize("look, sign", [("rim", +1), ("outline", -1), ("foam", -1)])
+def test_outline_looks_mark_the_radius_with_their_outer_edge(look, sign):
+    # Their outline peaks just inside the radius and has fallen to under half of it by 1.05 r:
+    # a circle fitted to the outer edge of the rim or dark outline has the droplet's radius.
+    ds = np.linspace(0.0, 1.4, 141)
+    profile = sign * np.array([_delta_at(look, d) for d in ds])
+    peak = ds[np.argmax(profile)]
+    assert 0.8 <= peak <= 0.97
+    assert profile[ds.searchsorted(1.05)] < 0.5 * profile.max()
+    assert profile[ds.searchsorted(peak)] > profile[0]  # the outline, not the middle, stands out
+
+
+def test_halo_look_is_dark_inside_and_bright_just_outside():
+    assert _delta_at("halo", 0.3) < 0 < _delta_at("halo", 1.1)
+    assert abs(_delta_at("halo", 1.45)) < 0.2 * _delta_at("halo", 1.1)
+
+
+def test_a_look_first_asked_for_inside_a_jitted_step_is_cached_as_values(optics):
+    run = dataclasses.replace(RunConfig(), train=TrainConfig(looks=("rim", "halo"), look_fraction=1.0))
+    look_params.cache_clear()
+    picked = jax.jit(lambda key: _pick_look(key, optics, run))(jax.random.PRNGKey(0))
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(picked))
+    for name in ("rim", "halo"):  # outside the trace the cache gives arrays, not leaked tracers
+        leaves = jax.tree_util.tree_leaves(look_params(name))
+        assert all(isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) for a in leaves)

@@ -1,7 +1,8 @@
 """Recipe for the extra droplet looks shipped in amortize/assets/look_<name>.msgpack.
 
 Fits the optics MLP (K = 3 types, C = 3 channels) to each analytic look of
-`amortize.looks` (ring, disc, glow). Deterministic for the fixed seed.
+`amortize.looks` (ring, disc, glow, rim, halo, outline, foam). Deterministic for the
+fixed seed.
 
     python train/fit_looks.py [--steps N] [--only NAME]
 """
