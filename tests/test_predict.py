@@ -425,3 +425,50 @@ def test_default_model_on_the_hand_checked_slide_droplets(default_predictor, sha
     assert metrics["median_radius_rel_error"] <= SLIDE_GUARD["radius_error"]
     for name, b in metrics["bias_by_radius"].items():
         assert abs(b["mean_dx_px"]) <= SLIDE_GUARD["bias_px"] and abs(b["mean_dy_px"]) <= SLIDE_GUARD["bias_px"], (name, b)
+
+
+
+def _broad():
+    import pathlib
+
+    from amortize.predict import Predictor
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "broad"
+    if not path.exists():
+        pytest.fail(f"the shipped broad model is missing: {path}")
+    return Predictor.load(path)
+
+
+def test_broad_model_leaves_text_and_a_scale_bar_alone():
+    """A simulated scene with a line of text and a scale bar drawn over it: the broad model
+    (trained with such clutter) puts no circle on the bar, and at most two on the text (an
+    isolated 2-4 px block of small text can pass for a droplet; see its model card)."""
+    import jax
+    import jax.numpy as jnp
+    from scipy import ndimage
+
+    from amortize.clutter import add_clutter
+    from amortize.config import NuisanceConfig, SceneConfig, SimulationConfig
+    from amortize.evaluate import match_pairs
+    from amortize.simulate import simulate
+
+    sim = simulate(1, (256, 224), seed=4244, config=SimulationConfig(scene=SceneConfig(density=6.0)))
+    clean = jnp.asarray(sim.images[0])
+    only = NuisanceConfig(clutter_probability=1.0, clutter_lines=0, clutter_fibres=0, vignette_max=0.0)
+    # The first key whose clutter holds both the text and the bar (over 300 px drawn).
+    for seed in range(50):
+        image = np.asarray(add_clutter(jax.random.PRNGKey(seed), clean, only))
+        drawn = np.abs(image - np.asarray(clean)).max(axis=-1) > 0.05
+        labels, n = ndimage.label(ndimage.binary_dilation(drawn, iterations=3))
+        if n >= 2 and drawn.sum() > 300:
+            break
+    parts, m = ndimage.label(drawn)  # undilated: each text block apart, the bar in one piece
+    sizes = ndimage.sum(np.ones_like(parts), parts, index=np.arange(1, m + 1))
+    bar = ndimage.binary_dilation(parts == 1 + int(np.argmax(sizes)), iterations=2)
+    table = _broad().predict(image)
+    pairs, _, _ = match_pairs(table, sim.tables[0])
+    stray = np.setdiff1d(np.arange(len(table["x"])), pairs[:, 0])
+    at = [(int(round(table["y"][i])), int(round(table["x"][i]))) for i in stray]
+    near = ndimage.binary_dilation(drawn, iterations=2)
+    assert not any(bar[yx] for yx in at)
+    assert sum(near[yx] for yx in at) <= 2
