@@ -11,7 +11,8 @@ alarm, so precision is measured, not only recall. Nothing from amortize's models
 1. Contrast: a scalar image D that is high on what marks a droplet's edge and low on the
    background just outside it: for bright-field droplets with a dark outline, the RGB
    distance from the local background colour (masked Gaussian average of pixels near the
-   image's background colour).
+   image's background colour); for bright rims on a dark background (`kind` "rim"), the
+   luminance above its local 10th percentile.
 2. Seeds: circular Hough transform (scikit-image) on the Canny edges of D over the set's radius
    range, plus seeds added by eye (`ADDED`, x y r) for droplets the transform missed.
 3. Edge points: from each seed centre, 48 rays sample D (cubic spline, 0.05 px steps). On each
@@ -26,7 +27,9 @@ alarm, so precision is measured, not only recall. Nothing from amortize's models
    out, since a Hough radius is often that of the outline's inner edge. A fit needs inliers
    on 30 % of the rays (a packed droplet meets the background only between its
    neighbours), no angular gap over 120 degrees and a small residual.
-5. De-duplication (best fit of nearly coincident circles), then the eye check: `--sheets DIR`
+5. De-duplication (the best fit of circles whose centres lie within half the larger radius;
+   no circle centred inside a droplet twice its size, such as a condensation droplet's
+   central spot or a bead of its rim), then the eye check: `--sheets DIR`
    writes the window (yellow) and its margin enlarged 3x, in overlapping tiles, with every
    circle drawn and numbered. Circles that did not sit on a droplet's outline (mostly the
    light gaps between three touching droplets, which look like small droplets) are listed
@@ -35,7 +38,9 @@ alarm, so precision is measured, not only recall. Nothing from amortize's models
    circle on its outline.
 
 Physical edge: an emulsion droplet (bright-field) is clear or dyed, with a dark refracting
-outline; its radius is that of the outer edge of the dark outline.
+outline; its radius is that of the outer edge of the dark outline. A condensation droplet is
+a dark disc with a bright rim; the droplet is the disc plus its rim, and its radius is that
+of the rim's outer edge.
 
 Convention: image pixels, centre of the top-left pixel (0, 0), x right, y down.
 
