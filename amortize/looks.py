@@ -60,22 +60,23 @@ def disc_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndar
     return -(g.inside * g.size)[..., None] * absorb * (0.8 + 0.4 * g.colour)
 
 
+def emission(n_types: int, channels: int) -> jnp.ndarray:
+    """(K, C) emission of each composition type: `EMISSION`, dimmer for types beyond three,
+    averaged over the channels of a grey image."""
+    table = np.stack([EMISSION[k % 3] * (0.7 ** (k // 3)) for k in range(n_types)])
+    return jnp.asarray(table.mean(axis=1, keepdims=True) if channels == 1 else table)
+
+
 def glow_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndarray:
     g = droplet_geometry(features, channels)
-    emission = np.stack([EMISSION[k % 3] * (0.7 ** (k // 3)) for k in range(n_types)])
-    if channels == 1:
-        emission = emission.mean(axis=1, keepdims=True)
-    light = 0.3 + g.comp @ jnp.asarray(emission)
+    light = 0.3 + g.comp @ emission(n_types, channels)
     profile = g.inside * (0.35 + 0.65 * g.thickness) * g.size
     return profile[..., None] * light * (1.2 - 0.4 * g.colour)
 
 
 def _light(g, n_types: int, channels: int) -> jnp.ndarray:
     """A light colour set by the composition: white-ish, tinted towards its dyes' emission."""
-    emission = np.stack([EMISSION[k % 3] * (0.7 ** (k // 3)) for k in range(n_types)])
-    if channels == 1:
-        emission = emission.mean(axis=1, keepdims=True)
-    return 0.7 + 0.3 * (g.comp @ jnp.asarray(emission)) / 1.3
+    return 0.7 + 0.3 * (g.comp @ emission(n_types, channels)) / 1.3
 
 
 def rim_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndarray:
