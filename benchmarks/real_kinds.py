@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from slide_targets import amortize  # noqa: E402  (one way to run and time a CLI command)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -32,19 +32,6 @@ SETS = {
     "emulsion": (SHARED / "emulsion" / "droplets.png", 0.0),
     "condensation": (SHARED / "condensation" / "condensation.jpg", 3.0),
 }
-
-
-def amortize(*args: str) -> tuple[str, float]:
-    """Run one CLI command; returns (stdout, wall seconds). Echoes the command."""
-    exe = shutil.which("amortize") or str(pathlib.Path(sys.executable).with_name("amortize"))
-    line = "amortize " + " ".join(args)
-    start = time.perf_counter()
-    res = subprocess.run([exe, *args], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    print(f"[{seconds:7.1f} s] {line}", file=sys.stderr)
-    if res.returncode != 0:
-        sys.exit(f"failed ({res.returncode}): {line}\n{res.stderr}")
-    return res.stdout, seconds
 
 
 def measure(model: str, out: pathlib.Path, scale: str | None) -> dict:

@@ -62,13 +62,13 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from slide_truth import max_gap, robust_circle  # noqa: E402
+from slide_truth import STEP as SLIDE_STEP, max_gap, outward_crossing, robust_circle  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 N_RAYS = 48
-STEP = 0.05
+STEP = SLIDE_STEP  # the crossings are interpolated on the same grid as slide_truth.py's
 #: A fit needs edge points on this fraction of the rays, with no larger angular gap between
 #: them: in a packed emulsion each droplet touches six neighbours and its outline meets the
 #: background only in the gaps between them.
@@ -194,13 +194,9 @@ def ray_edges(coef: np.ndarray, cx: float, cy: float, r0: float, tight: bool = T
         outside = d[k, after].min()
         if outside > 0.45 * p:  # the profile never falls to background: occluded
             continue
-        half = 0.5 * (p + outside)
-        below = np.nonzero(d[k, ip:] < half)[0]
-        if len(below) == 0:
+        te = outward_crossing(d[k], t, ip, 0.5 * (p + outside))
+        if te is None:
             continue
-        j = ip + below[0]
-        d0, d1 = d[k, j - 1], d[k, j]
-        te = t[j - 1] + STEP * (d0 - half) / max(d0 - d1, 1e-9)
         if tight and te > 1.1 * r0 + 1.0:  # crossed beyond a touching neighbour's outline
             continue
         out.append((cx + np.cos(ang[k]) * te, cy + np.sin(ang[k]) * te, ang[k]))

@@ -149,6 +149,17 @@ def robust_circle(x, y):
     return cx, cy, r, keep, float(np.sqrt(np.mean(res ** 2)))
 
 
+def outward_crossing(profile, t, start, level):
+    """Where `profile` (sampled at distances `t`, STEP apart) first falls below `level` at or
+    after index `start`, linearly interpolated between samples; None if it never does."""
+    below = np.nonzero(profile[start:] < level)[0]
+    if len(below) == 0:
+        return None
+    j = start + below[0]
+    d0, d1 = profile[j - 1], profile[j]
+    return t[j - 1] + STEP * (d0 - level) / max(d0 - d1, 1e-9)
+
+
 def ray_edges(coef, bgcol, cx, cy, r0):
     """Edge points on N_RAYS rays from (cx, cy); returns (x, y, angles) of accepted rays."""
     ang = np.arange(N_RAYS) * 2 * np.pi / N_RAYS
@@ -170,13 +181,9 @@ def ray_edges(coef, bgcol, cx, cy, r0):
             continue
         ip = int(np.argmax(np.where(inner, d[k], -1)))
         half = 0.5 * p
-        below = np.nonzero(d[k, ip:] < half)[0]
-        if len(below) == 0:
+        te = outward_crossing(d[k], t, ip, half)
+        if te is None:
             continue
-        j = ip + below[0]
-        # linear interpolation of the crossing
-        d0, d1 = d[k, j - 1], d[k, j]
-        te = t[j - 1] + STEP * (d0 - half) / max(d0 - d1, 1e-9)
         # occlusion: just outside the crossing the profile must get close to background
         win = (t > te) & (t <= te + max(1.5, 0.25 * r0))
         if not win.any() or d[k, win].min() > 0.3 * p:
