@@ -74,6 +74,10 @@ class TrainConfig:
             nothing like the decoder's.
         look_fraction: share of the scenes drawn with one of `looks` (uniformly) instead of
             the decoder's optics.
+        init: a model (folder) whose encoder weights start the training instead of random
+            ones: a fine-tuning recipe. Its architecture must be the recipe's [encoder]; a
+            relative path is taken from the directory training runs in. The composition
+            read-out is fitted afresh at the end, as after any training.
         seed: root PRNG seed (scenes and initial weights).
         checkpoint_every: steps between checkpoints (a crash loses at most this many).
         log_every: steps between scalar logs.
@@ -92,6 +96,7 @@ class TrainConfig:
     shading_jitter: float = 0.0
     looks: tuple[str, ...] = ()
     look_fraction: float = 0.5
+    init: str = ""
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 25
@@ -242,14 +247,28 @@ def make_optimizer(cfg: TrainConfig):
 
 
 def init_state(run: RunConfig) -> dict:
-    """Fresh training state {step, params, opt_state}."""
+    """Fresh training state {step, params, opt_state}: random encoder weights, or those of
+    the `train.init` model."""
     key = jax.random.fold_in(jax.random.PRNGKey(run.train.seed), 1)
     params = init_encoder(key, run.encoder)
+    if run.train.init:
+        params = _init_weights(run.train.init, params)
     tx, _ = make_optimizer(run.train)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     if run.readout.scenes > 0:
         state["readout"] = init_readout(run.readout, run.simulation.scene.channels, run.encoder.n_types)
     return state
+
+
+def _init_weights(path: str, template: dict) -> dict:
+    """The encoder variables of model `path`, checked against the recipe's architecture."""
+    loaded, _, _ = checkpoint.load_model(path)
+    encoder = {k: v for k, v in loaded.items() if k in template}
+    shapes = jax.tree_util.tree_map(np.shape, template)
+    if set(encoder) != set(template) or jax.tree_util.tree_map(np.shape, encoder) != shapes:
+        raise BadInput(path, "[train] init: this model's encoder is not the recipe's [encoder] "
+                             "architecture")
+    return jax.tree_util.tree_map(jnp.asarray, encoder)
 
 
 #: The part of the training state a step updates; the rest (the read-out) passes it by.

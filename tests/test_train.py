@@ -170,3 +170,24 @@ def test_the_flat_optimiser_is_the_same_arithmetic():
         u_tree, s_tree = tree_update(grads, s_tree, params)
         for a, b in zip(jax.tree_util.tree_leaves(u_flat), jax.tree_util.tree_leaves(u_tree)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_init_starts_from_a_models_encoder_and_refuses_another_architecture(tmp_path):
+    from amortize.checkpoint import save_model
+    from amortize.config import to_dict
+    from amortize.encoder import EncoderConfig, init_encoder
+
+    run = RunConfig.tiny()
+    trained = init_encoder(jax.random.PRNGKey(42), run.encoder)
+    save_model(tmp_path / "m", trained, to_dict(run), step=5)
+    tuned = dataclasses.replace(run, train=dataclasses.replace(run.train, init=str(tmp_path / "m")))
+    start = init_state(tuned)["params"]
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), start, trained)
+    assert all(jax.tree_util.tree_leaves(same))
+    fresh = init_state(run)["params"]  # the seed's own random weights differ
+    assert not all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: bool(np.array_equal(a, b)), fresh, trained)))
+    wider = dataclasses.replace(run.encoder, widths=tuple(2 * w for w in run.encoder.widths))
+    other = dataclasses.replace(tuned, encoder=wider)
+    with pytest.raises(BadInput, match="not the recipe's \\[encoder\\] architecture"):
+        init_state(other)
