@@ -14,7 +14,8 @@ once to the same optics MLP (so the renderer and the decoder are unchanged):
     rim    dark field or dropwise condensation: a dark disc with a bright rim (the rim's
            outer edge is the radius) and often a small bright spot in the middle; fitted on
            backgrounds from near black to near white, as dark fields are dark
-    halo   phase contrast: a dark disc with a bright halo just outside its edge
+    halo   phase contrast: a dark disc with a diffuse bright halo that starts at its edge
+           and fades outward over about a fifth of a radius
     outline  bright-field clear droplet in an emulsion: a dark refracting outline whose outer
            edge is the radius, a lens-bright middle and a faint tint
     foam   a bubble in a foam or a packed emulsion: bright inside, a thick dark border
@@ -91,7 +92,12 @@ def halo_droplet(features: jnp.ndarray, n_types: int, channels: int) -> jnp.ndar
     g = droplet_geometry(features, channels)
     tint = 0.4 * (g.comp @ dye_absorbance(n_types, channels))
     dark = -g.inside[..., None] * (1.0 + tint) * (0.5 + 0.5 * g.thickness[..., None])
-    halo = 1.6 * jnp.exp(-(((g.d - 1.1) / 0.08) ** 2))
+    # The halo starts at the edge and fades outward over about a fifth of a radius: diffuse,
+    # unlike the rim look's thin bright ring *inside* a sharp outer edge. Drawn as a thin
+    # ring just outside the edge, the two were one profile at radii 1.2x apart, and a model
+    # trained on both put dark-field droplets' edges on the inner side of their rims.
+    outside = jax.nn.sigmoid((g.d - 1.0) / 0.02)
+    halo = 1.3 * outside * jnp.exp(-((jnp.maximum(g.d - 1.0, 0.0) / 0.22) ** 2))
     return g.size[..., None] * (dark + halo[..., None]) * (0.8 + 0.4 * g.colour)
 
 

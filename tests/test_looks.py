@@ -76,6 +76,15 @@ def test_halo_look_is_dark_inside_and_bright_just_outside():
     assert abs(_delta_at("halo", 1.45)) < 0.2 * _delta_at("halo", 1.1)
 
 
+def test_halo_fades_outward_unlike_the_rim_which_ends_sharply_at_the_edge():
+    # The two looks must not be one profile at different radii: the halo is still bright a
+    # quarter radius past its edge, the rim's light is gone a tenth of a radius past its own.
+    assert _delta_at("halo", 1.25) > 0.3 * _delta_at("halo", 1.03)
+    assert _delta_at("halo", 0.9) < 0
+    assert _delta_at("rim", 0.92) > 0
+    assert abs(_delta_at("rim", 1.1)) < 0.2 * _delta_at("rim", 0.92)
+
+
 def test_a_look_first_asked_for_inside_a_jitted_step_is_cached_as_values(optics):
     run = dataclasses.replace(RunConfig(), train=TrainConfig(looks=("rim", "halo"), look_fraction=1.0))
     look_params.cache_clear()
