@@ -402,6 +402,9 @@ def adapt(
     progress: bool = True,
     stop_after: int | None = None,
     init_readout: dict | None = None,
+    anchor_optics: dict | None = None,
+    anchor_train: TrainConfig | None = None,
+    cycle_end=None,
 ) -> dict:
     """Wake-sleep adaptation (or its resumption) in `workdir`; returns the last metrics.
 
@@ -419,6 +422,11 @@ def adapt(
         init_readout: the `--init` model's composition read-out; the adapted model keeps it
             when the recipe freezes the encoder, as it was fitted to that encoder's answers,
             and when `keep_readout` is set.
+        anchor_optics, anchor_train: the optics and the [train] settings (looks, jitter) of
+            the anchor steps, by default the starting optics and the recipe's [train]: a
+            model trained on a family of looks keeps seeing that family.
+        cycle_end: called as cycle_end(cycle, state, config) after each cycle's last step,
+            before that step's checkpoint, with the checkpoint's config (the prior in force).
     """
     workdir = pathlib.Path(workdir)
     check_types(run)  # a recipe built in code: nothing is created before it is checked
@@ -487,7 +495,9 @@ def adapt(
                     compiled["sleep"] = make_sleep_step(run, scene, optics)
                     if cfg.anchor_fraction > 0:
                         if "fn" not in anchors:
-                            anchors["fn"] = make_sleep_step(run, run.simulation.scene, init_optics)
+                            anchor_run = run if anchor_train is None else dataclasses.replace(run, train=anchor_train)
+                            anchors["fn"] = make_sleep_step(anchor_run, run.simulation.scene,
+                                                            init_optics if anchor_optics is None else anchor_optics)
                         compiled["anchor"] = anchors["fn"]
             if phase == "wake":
                 crops = sample_crops(corpus, np.random.default_rng([cfg.seed, 2, step]),
@@ -515,7 +525,11 @@ def adapt(
                                           preview_crop, run.simulation.render, cfg.threshold)
                 writer.image("wake/input_reconstruction_residual", _preview(preview_crop, recon), done)
             stopping = stop_after is not None and done_here >= stop_after
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+            cycle_done = done <= cfg.cycles * (cfg.wake_steps + cfg.sleep_steps) and \
+                done % (cfg.wake_steps + cfg.sleep_steps) == 0
+            if cycle_done and cycle_end is not None:
+                cycle_end(cycle, state, _checkpoint_config(resolved, scene))
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping or cycle_done:
                 checkpoint.save(mgr, done, "state", state, _checkpoint_config(resolved, scene))
             if stopping:
                 break

@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 an input failed, 2 a bad argument (nothing was written)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
 
@@ -119,6 +120,21 @@ def _adapt(args, writer) -> dict:
               file=sys.stderr)
     return adapt(run, corpus, args.workdir, init.params, init.optics, writer=writer,
                  progress=not args.quiet, init_readout=init.readout)
+
+
+def cmd_adapt(args) -> int:
+    from amortize.adapt_corpus import adapt_folder
+
+    def report(line):
+        if not args.quiet or "warning" in line:
+            print(line, file=sys.stderr)
+
+    summary = adapt_folder(args.folder, args.out, init=args.init, recipe=args.recipe,
+                           workdir=args.workdir, force=args.force, progress=not args.quiet,
+                           report=report)
+    if not args.quiet:
+        print(json.dumps(summary))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -280,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-log", action="store_true", help="no tensorboard logs")
     tr.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     tr.set_defaults(check=check_train, run=cmd_train)
+
+    ad = sub.add_parser("adapt", help="make a model precise on a folder of your own unlabeled "
+                        "images (wake-sleep; resumes; picks its own stopping point)")
+    ad.add_argument("folder", help="folder of images (PNG, JPEG, TIFF) of one kind")
+    ad.add_argument("--out", required=True, help="model directory to write")
+    ad.add_argument("--init", help="model to start from (default: checkpoints/default)")
+    ad.add_argument("--recipe", help="adaptation recipe (default: amortize/assets/adapt.toml)")
+    ad.add_argument("--workdir", help="where the run and its snapshots live (default: OUT.work); "
+                    "running the same command again resumes there")
+    ad.add_argument("--force", action="store_true", help="replace a model at --out")
+    ad.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    ad.set_defaults(run=cmd_adapt)
 
     ex = sub.add_parser("export", help="write a training run's latest weights as a model")
     ex.add_argument("workdir", help="training workdir (or model directory)")

@@ -19,6 +19,7 @@ encoder, so the border is left out as in the wake ELBO).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -80,6 +81,20 @@ def squared_error(optics: dict, targets: FitTargets, config: RenderConfig) -> jn
         targets.droplets, targets.background)
     err = (rendered - targets.images) ** 2 * targets.inside
     return jnp.sum(err) / (jnp.sum(targets.inside) * targets.images.shape[0] * targets.images.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _crop_rmse(optics: dict, targets: FitTargets, config: RenderConfig) -> jnp.ndarray:
+    h, w = targets.images.shape[1:3]
+    rendered = jax.vmap(lambda d, bg: render(d, optics, bg, (h, w), config))(
+        targets.droplets, targets.background)
+    err = jnp.sum((rendered - targets.images) ** 2 * targets.inside, axis=(1, 2, 3))
+    return jnp.sqrt(err / (jnp.sum(targets.inside) * targets.images.shape[-1]))
+
+
+def crop_rmse(optics: dict, targets: FitTargets, config: RenderConfig) -> jnp.ndarray:
+    """(B,) RMSE over each crop's interior of its rendering with `optics`."""
+    return _crop_rmse(optics, jax.tree_util.tree_map(jnp.asarray, targets), config)
 
 
 def make_fit_step(targets: FitTargets, config: RenderConfig, learning_rate: float):
