@@ -173,3 +173,12 @@ def test_cli_refuses_a_non_empty_out_in_one_line(tmp_path, corpus_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"amortize adapt: error: {out}: exists and is not empty "
                                                 "(use --force to replace it)"]
+
+
+def test_the_default_recipes_sleep_scenes_get_a_hard_core_and_keep_a_harder_one(tmp_path):
+    run = adapt_corpus.load_adapt_recipe(adapt_corpus.DEFAULT_RECIPE, EncoderConfig.tiny(), SimulationConfig.tiny())
+    assert run.simulation.scene.min_separation == 0.0
+    assert adapt_corpus.with_hard_core(run, 0.5).simulation.scene.min_separation == 0.5
+    hard = adapt_corpus.with_hard_core(run, 0.8)
+    assert adapt_corpus.with_hard_core(hard, 0.5).simulation.scene.min_separation == 0.8
+    assert adapt_corpus.with_hard_core(run, 0.5).simulation.render == run.simulation.render
