@@ -22,6 +22,7 @@ _PUBLIC = {
     "NuisanceConfig": "config", "RefineConfig": "config", "RenderConfig": "config",
     "SceneConfig": "config", "SimulationConfig": "config",
     "Predictor": "predict",
+    "adapt_folder": "adapt_corpus",
     "refine": "refinement",
     "Simulation": "simulate", "simulate": "simulate", "write_simulation": "simulate",
     "choose_scale": "autoscale",
