@@ -41,7 +41,6 @@ import pathlib
 import shutil
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -129,8 +128,7 @@ def split_corpus(corpus: Corpus, crop: tuple[int, int]) -> Split:
         first, last = (image[:cut], image[cut:]) if axis == 0 else (image[:, :cut], image[:, cut:])
         fit.append(first)
         heldout.append(last)
-    side = "bottom" if len(corpus.images) == 1 and corpus.images[0].shape[0] >= corpus.images[0].shape[1] else "end"
-    how = f"the {side} {HELDOUT_STRIP:.0%} of each image (along its longer side) held out"
+    how = f"the end {HELDOUT_STRIP:.0%} of each image (along its longer side) held out"
     return Split(Corpus(fit, list(corpus.files), []), Corpus(heldout, list(corpus.files), []), how)
 
 
@@ -174,14 +172,22 @@ def paired_win_rate(candidate: np.ndarray, base: np.ndarray, seed: int = 0) -> f
     return float(np.mean(diff[picks].mean(axis=1) < 0))
 
 
+def look_optics(name: str, scene) -> dict:
+    """The optics of look `name`: "built-in" (the dyed droplet) or one of `amortize.looks`."""
+    if name == "built-in":
+        return default_optics_params(scene.n_types, scene.channels)
+    return look_params(name, scene.n_types, scene.channels)
+
+
 def choose_start_look(predictor: Predictor, crops: np.ndarray, border: int, render_config,
                       progress: bool) -> tuple[str, dict, dict[str, float]]:
     """(name, fitted optics, RMSE per look) of the look that best renders `predictor`'s
     answers on `crops`, each look briefly fitted (`LOOK_FIT_STEPS`)."""
     scene = predictor.run.simulation.scene
-    looks = {"built-in": default_optics_params(scene.n_types, scene.channels)}
+    names = ["built-in"]
     if (scene.n_types, scene.channels) == (3, 3):  # looks ship for K = C = 3; others fit slowly
-        looks.update({name: look_params(name) for name in sorted(LOOKS)})
+        names += sorted(LOOKS)
+    looks = {name: look_optics(name, scene) for name in names}
     scores, fitted = {}, {}
     for name, optics in tqdm(looks.items(), desc="adapt: starting look", disable=not progress, leave=False):
         errors, fitted[name], _ = fitted_errors(predictor, crops, optics, LOOK_FIT_STEPS, border, render_config)
@@ -252,24 +258,20 @@ def adapt_folder(folder: str | pathlib.Path, out: str | pathlib.Path, init: str 
     corpus = load_corpus(folder, run.wake.crop, warn=lambda line: report(f"warning: {line}"))
     split = split_corpus(corpus, run.wake.crop)
     border, render_config = run.wake.border, run.simulation.render
+    scale = working_scale(predictor, split.heldout.images) if not job else float(job["scale"])
+    fit, heldout = rescaled(split.fit, scale), rescaled(split.heldout, scale)
+    look_crops = sample_crops(fit, np.random.default_rng([run.adapt.seed, 7]), LOOK_CROPS, run.wake.crop, "none")
     if not job:
-        scale = working_scale(predictor, split.heldout.images)
-        fit = rescaled(split.fit, scale)
-        look_crops = sample_crops(fit, np.random.default_rng([run.adapt.seed, 7]), LOOK_CROPS, run.wake.crop, "none")
-        look, _, look_scores = choose_start_look(predictor, look_crops, border, render_config, progress)
+        look, start_optics, look_scores = choose_start_look(predictor, look_crops, border, render_config, progress)
         job = {"folder": str(folder.resolve()), "init": str(init_path.resolve()), "scale": scale,
                "split": split.how, "look": look, "look_rmse": look_scores}
         workdir.mkdir(parents=True, exist_ok=True)
         io.write_json(workdir / JOB_FILE, job, force=True)
-    scale = float(job["scale"])
+    else:  # the same brief fit as when the look was chosen, so the same start
+        start_optics = fitted_errors(predictor, look_crops, look_optics(job["look"], run.simulation.scene),
+                                     LOOK_FIT_STEPS, border, render_config)[1]
     report(f"adapt: {len(corpus.images)} image(s) of {folder}; {job['split']}; working scale {scale:g}; "
            f"starting look {job['look']}")
-    fit, heldout = rescaled(split.fit, scale), rescaled(split.heldout, scale)
-    look_crops = sample_crops(fit, np.random.default_rng([run.adapt.seed, 7]), LOOK_CROPS, run.wake.crop, "none")
-    start = job["look"]
-    start_optics = (default_optics_params(run.simulation.scene.n_types, run.simulation.scene.channels)
-                    if start == "built-in" else look_params(start))
-    _, start_optics, _ = fitted_errors(predictor, look_crops, start_optics, LOOK_FIT_STEPS, border, render_config)
 
     candidates = workdir / CANDIDATES
 

@@ -89,6 +89,18 @@ def _shared_compilation_cache():
 
 
 @pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory, tiny_sim):
+    """A folder of three tiny simulated images: a corpus for adaptation tests."""
+    from amortize import io
+    from amortize.simulate import simulate
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, image in enumerate(simulate(3, (96, 80), seed=5, config=tiny_sim).images):
+        io.write_png(folder / f"img{i}.png", image)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """An untrained tiny encoder saved as a model checkpoint (for I/O and shape tests)."""
     from amortize.checkpoint import save_model

@@ -12,19 +12,10 @@ from amortize.corpus import load_corpus
 from amortize.encoder import EncoderConfig, init_encoder
 from amortize.errors import BadArgument, BadInput
 from amortize.predict import Predictor
-from amortize.simulate import simulate
 from amortize.writers import NullWriter
 
 RECIPE = __import__("pathlib").Path(__file__).resolve().parents[1] / "train" / "adapt_tiny.toml"
 ENCODER = dataclasses.replace(EncoderConfig.tiny(), stride=2)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory, tiny_sim):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, image in enumerate(simulate(3, (96, 80), seed=5, config=tiny_sim).images):
-        io.write_png(folder / f"img{i}.png", image)
-    return folder
 
 
 def test_phase_schedule():

@@ -17,7 +17,6 @@ from amortize.encoder import EncoderConfig, init_encoder
 from amortize.errors import BadArgument, BadInput
 from amortize.predict import Predictor
 from amortize.readout import ReadoutConfig, init_readout
-from amortize.simulate import simulate
 from amortize.train import RunConfig, TrainConfig
 
 TINY_RECIPE = """
@@ -52,14 +51,6 @@ checkpoint_every = 2
 log_every = 1
 preview_every = 4
 """
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory, tiny_sim):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, image in enumerate(simulate(3, (96, 80), seed=5, config=tiny_sim).images):
-        io.write_png(folder / f"img{i}.png", image)
-    return folder
 
 
 @pytest.fixture(scope="module")
