@@ -210,11 +210,18 @@ def _with_decoder(params: dict, optics: dict, log_noise) -> dict:
     return {**params, "decoder": {"optics": optics, "log_noise": jnp.asarray(log_noise, jnp.float32)}}
 
 
-def _save_atomic(path: pathlib.Path, params: dict, config: dict, step: int) -> None:
+def _save_atomic(path: pathlib.Path, params: dict, config: dict, step: int, summary: dict | None = None) -> None:
+    """Write a model (and `summary` as its adapt.json) beside `path`, then swap it in: `path`
+    never holds a half-written model."""
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save_model(tmp, params, config, step)
-    shutil.rmtree(path, ignore_errors=True)
+    if summary is not None:
+        (tmp / "adapt.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
     tmp.rename(path)
 
 
@@ -337,19 +344,8 @@ def _finish(run: AdaptRun, predictor: Predictor, job: dict, fit: Corpus, heldout
         "heldout_droplets": found, "heldout_crops": SCORE_CROPS,
         "wake_sleep_seconds": round(wake_sleep_seconds, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
-    _write_model(out, model, config, summary, force)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:  # made during the run
+        raise BadArgument(out, "exists and is not empty (use --force to replace it)")
+    _save_atomic(out, model, config, 1, summary=summary)
     report(f"adapt: wrote {out} ({summary['wall_seconds']:.0f} s)")
     return summary
-
-
-def _write_model(out: pathlib.Path, model: dict, config: dict, summary: dict, force: bool) -> None:
-    """The model and its report, swapped in whole: a crash leaves the old `out` or the new."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.save_model(tmp, model, config, 1)
-    (tmp / "adapt.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out.exists():
-        if not force and any(out.iterdir()):
-            raise BadArgument(out, "exists and is not empty (use --force to replace it)")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
