@@ -54,6 +54,7 @@ from amortize.errors import BadArgument, BadInput
 from amortize.looks import LOOKS, look_params
 from amortize.optics import default_optics_params
 from amortize.predict import DEFAULT_CHECKPOINT, Predictor, resize
+from amortize.train import TrainConfig
 
 DEFAULT_RECIPE = pathlib.Path(__file__).parent / "assets" / "adapt.toml"
 #: Fewer images than this are split inside each image instead of by image.
@@ -92,6 +93,16 @@ def with_hard_core(run: AdaptRun, separation: float) -> AdaptRun:
     scene = run.simulation.scene
     scene = dataclasses.replace(scene, min_separation=max(scene.min_separation, separation))
     return dataclasses.replace(run, simulation=dataclasses.replace(run.simulation, scene=scene))
+
+
+def anchor_settings(recipe: TrainConfig, init: TrainConfig) -> TrainConfig:
+    """The [train] settings of the anchor steps: the recipe's crop, batch and step sizes, with
+    the --init model's own looks and optics jitters, since the anchor steps draw the scenes it
+    was trained on with its own optics (a recipe's blur and shading jitter are for anchored
+    optics, and the init model's optics may be free)."""
+    return dataclasses.replace(recipe, looks=init.looks, look_fraction=init.look_fraction,
+                               optics_jitter=init.optics_jitter, blur_jitter=init.blur_jitter,
+                               shading_jitter=init.shading_jitter)
 
 
 @dataclasses.dataclass
@@ -286,8 +297,7 @@ def adapt_folder(folder: str | pathlib.Path, out: str | pathlib.Path, init: str 
         candidates.mkdir(parents=True, exist_ok=True)
         _save_atomic(candidates / f"cycle_{cycle + 1}", checkpoint.model_of_state(state), config, int(state["step"]))
 
-    init_train = predictor.run.train
-    anchor_train = dataclasses.replace(run.train, looks=init_train.looks, look_fraction=init_train.look_fraction)
+    anchor_train = anchor_settings(run.train, predictor.run.train)
     metrics = adapt(run, fit, workdir / "wake-sleep", predictor.params, start_optics, progress=progress,
                     stop_after=stop_after, init_readout=predictor.readout, anchor_optics=predictor.optics,
                     anchor_train=anchor_train, cycle_end=snapshot)

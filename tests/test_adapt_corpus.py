@@ -173,3 +173,15 @@ def test_the_default_recipes_sleep_scenes_get_a_hard_core_and_keep_a_harder_one(
     hard = adapt_corpus.with_hard_core(run, 0.8)
     assert adapt_corpus.with_hard_core(hard, 0.5).simulation.scene.min_separation == 0.8
     assert adapt_corpus.with_hard_core(run, 0.5).simulation.render == run.simulation.render
+
+
+def test_anchor_steps_draw_the_init_models_family_with_its_own_jitters():
+    # A recipe for anchored optics (blur and shading jitter) started from a model trained with
+    # free optics and other looks: the anchor steps keep the model's looks and its jitters
+    # (blur jitter needs anchored optics and would stop the run), the recipe's batch and crop.
+    recipe = TrainConfig(crop=(96, 96), batch_size=3, blur_jitter=0.5, shading_jitter=0.25, optics_jitter=0.1)
+    init = TrainConfig(looks=("ring", "rim"), look_fraction=0.6, optics_jitter=0.2)
+    anchor = adapt_corpus.anchor_settings(recipe, init)
+    assert (anchor.looks, anchor.look_fraction) == (("ring", "rim"), 0.6)
+    assert (anchor.optics_jitter, anchor.blur_jitter, anchor.shading_jitter) == (0.2, 0.0, 0.0)
+    assert (anchor.crop, anchor.batch_size) == ((96, 96), 3)
