@@ -84,6 +84,12 @@ class AdaptConfig:
         anchor_fraction: share of sleep steps drawn from the recipe's own prior and the
             starting optics instead of the refitted ones, so that adapting to one corpus
             does not unlearn the scenes the model was trained on.
+        anchor_look_fraction: (`amortize adapt`) share of the anchor scenes drawn with one of the `--init`
+            model's other looks rather than its own optics; None: the share it was trained
+            with. 1 leaves its own look out of the anchor steps: on adapting to a look close
+            to it (the broad model's built-in bright-field droplet and the real slide), its
+            un-jittered shading pulled the encoder's centres of the slide's droplets 0.3-0.4
+            px low.
         refit_crops: corpus crops the prior is refitted on.
         decoder_fit_steps: full-batch Adam steps of the final optics fit (0: none).
         decoder_fit_crops: corpus crops (of the wake crop size) the optics are fitted on.
@@ -118,6 +124,7 @@ class AdaptConfig:
     sleep_end_fraction: float = 1.0
     grad_clip: float = 1.0
     anchor_fraction: float = 0.5
+    anchor_look_fraction: float | None = None
     refit_crops: int = 32
     decoder_fit_steps: int = 0
     decoder_fit_crops: int = 16
@@ -141,6 +148,8 @@ class AdaptConfig:
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(0 < self.sleep_end_fraction <= 1, "sleep_end_fraction", "must be in (0, 1]")
         _check(0 <= self.anchor_fraction < 1, "anchor_fraction", "must be in [0, 1)")
+        _check(self.anchor_look_fraction is None or 0 <= self.anchor_look_fraction <= 1, "anchor_look_fraction",
+               "must be in [0, 1]")
         _check(self.refit_crops >= 1, "refit_crops", "must be >= 1")
         _check(self.decoder_fit_steps >= 0, "decoder_fit_steps", "must be >= 0")
         _check(self.decoder_fit_crops >= 1, "decoder_fit_crops", "must be >= 1")

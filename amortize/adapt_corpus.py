@@ -95,12 +95,14 @@ def with_hard_core(run: AdaptRun, separation: float) -> AdaptRun:
     return dataclasses.replace(run, simulation=dataclasses.replace(run.simulation, scene=scene))
 
 
-def anchor_settings(recipe: TrainConfig, init: TrainConfig) -> TrainConfig:
+def anchor_settings(recipe: TrainConfig, init: TrainConfig, look_fraction: float | None = None) -> TrainConfig:
     """The [train] settings of the anchor steps: the recipe's crop, batch and step sizes, with
     the --init model's own looks and optics jitters, since the anchor steps draw the scenes it
     was trained on with its own optics (a recipe's blur and shading jitter are for anchored
-    optics, and the init model's optics may be free)."""
-    return dataclasses.replace(recipe, looks=init.looks, look_fraction=init.look_fraction,
+    optics, and the init model's optics may be free). `look_fraction` ([adapt]
+    anchor_look_fraction), when given, replaces the init model's share of other looks."""
+    share = init.look_fraction if look_fraction is None or not init.looks else look_fraction
+    return dataclasses.replace(recipe, looks=init.looks, look_fraction=share,
                                optics_jitter=init.optics_jitter, blur_jitter=init.blur_jitter,
                                shading_jitter=init.shading_jitter)
 
@@ -297,7 +299,7 @@ def adapt_folder(folder: str | pathlib.Path, out: str | pathlib.Path, init: str 
         candidates.mkdir(parents=True, exist_ok=True)
         _save_atomic(candidates / f"cycle_{cycle + 1}", checkpoint.model_of_state(state), config, int(state["step"]))
 
-    anchor_train = anchor_settings(run.train, predictor.run.train)
+    anchor_train = anchor_settings(run.train, predictor.run.train, run.adapt.anchor_look_fraction)
     metrics = adapt(run, fit, workdir / "wake-sleep", predictor.params, start_optics, progress=progress,
                     stop_after=stop_after, init_readout=predictor.readout, anchor_optics=predictor.optics,
                     anchor_train=anchor_train, cycle_end=snapshot)

@@ -12,7 +12,8 @@ enlarged 4x (scale 0.25), with reconstruction RMSE 0.058 and 0.035. `choose_scal
 2. **shrinks**: predicts on the image halved, quartered, ... down to a short side of
    `MIN_SHRUNK_SIDE` px (together a third of scale 1's pixels). A shrunk scale whose droplets
    have a median radius of at least `LARGE_MEDIAN_RADIUS` working px (droplets that are large
-   there, not fine detail near the encoder's smallest radii) is weighed by its reconstruction,
+   there, not fine detail near the encoder's smallest radii) and below `CEILING_FRACTION` of
+   its largest (droplets read within its range) is weighed by its reconstruction,
    and predict moves to the scale whose droplets explain the whole image best, if that beats
    scale 1's reconstruction RMSE by `MIN_SHRINK_GAIN`. Every scale is tried, not only until
    the error stops falling: a scene of droplets of r 65 and 130 px explains the image a
@@ -68,6 +69,14 @@ MIN_SHRINK_GAIN = 0.05
 #: 5.8 working px "won" by 5-20 % with a handful of circles. Droplets of r 60-300 px, shrunk
 #: to the scale that shows them best, have medians of 12-37 working px.
 LARGE_MEDIAN_RADIUS = 8.0
+#: A shrunk scale whose droplets have a median radius of this share of the encoder's largest
+#: training radius (`Predictor.largest_radius`) or more is not weighed either: the encoder
+#: reads droplets larger than it learned at about its largest radius, so droplets found there
+#: are probably larger than read. A lone droplet of r = 200 px, read at scale 2 as 39.2 and at
+#: scale 4 as 42.1 working px (true 100 and 50; the largest radius is 40), explained the image
+#: as well at scale 4 as at 8, where it is read right (24.9 px); a droplet of r = 300 px at
+#: scale 8 is read as 36.7 (true 37.5).
+CEILING_FRACTION = 0.95
 
 
 class ScaleChoice(NamedTuple):
@@ -111,9 +120,10 @@ def choose_scale(predictor, image: np.ndarray, threshold: float = DEFAULT_THRESH
         recon = predictor.reconstruct(image, table, 1.0)
         return ScaleChoice(1.0, table, recon, {**choice.tried, 1.0: rmse(image, recon)})
 
+    ceiling = CEILING_FRACTION * predictor.largest_radius
     for scale in shrink_scales((h, w)):
         t = predictor.predict(image, threshold, scale)
-        if not len(t["radius"]) or median_work_radius(t, scale) < LARGE_MEDIAN_RADIUS:
+        if not len(t["radius"]) or not LARGE_MEDIAN_RADIUS <= median_work_radius(t, scale) < ceiling:
             continue
         if best.scale == 1.0:
             best = with_recon(best)

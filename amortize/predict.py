@@ -145,6 +145,11 @@ class Predictor:
     def n_types(self) -> int:
         return self.run.encoder.n_types
 
+    @property
+    def largest_radius(self) -> float:
+        """The largest droplet radius (working px) of the scenes the encoder learned on."""
+        return float(self.run.simulation.scene.radius_max)
+
     def standardised(self, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What the network reads from `work` (H, W, C), standardised with the whole
         frame's per-channel statistics: (z (H, W, C'), stats (2, C'))."""

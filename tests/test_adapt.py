@@ -55,6 +55,8 @@ def test_the_sleep_step_falls_to_its_end_fraction_over_all_cycles():
     assert np.allclose(steps(dataclasses.replace(cfg, sleep_end_fraction=1.0)), 1e-3, rtol=1e-3)
     with pytest.raises(BadArgument, match="sleep_end_fraction"):
         AdaptConfig(sleep_end_fraction=0.0)
+    with pytest.raises(BadArgument, match="anchor_look_fraction"):
+        AdaptConfig(anchor_look_fraction=1.5)
 
 
 def test_recipe_takes_the_encoder_from_init(tmp_path):
@@ -192,10 +194,13 @@ def test_edge_blur_start_and_shading_blur_set_the_decoders_start_only(tmp_path, 
         dataclasses.replace(run.adapt, edge_blur_start=-1.0)
 
 
-@pytest.mark.parametrize("name", ["adapt_default.toml", "adapt_droplets.toml"])
+@pytest.mark.parametrize("name", ["adapt_default.toml", "adapt_droplets.toml", "broad_slide.toml"])
 def test_the_shipped_adaptation_recipes_parse(name):
     run = load_adapt_recipe(RECIPE.parent / name, EncoderConfig())
     assert run.adapt.steps > 0
     if name == "adapt_default.toml":
         assert run.adapt.optics_start == "anchored" and run.adapt.keep_readout
         assert run.simulation.scene.min_separation == 0.5
+    if name == "broad_slide.toml":
+        assert run.adapt.optics_start == "anchored" and run.adapt.anchor_look_fraction == 1.0
+        assert run.simulation.nuisance.clutter_probability == 0.5

@@ -185,3 +185,7 @@ def test_anchor_steps_draw_the_init_models_family_with_its_own_jitters():
     assert (anchor.looks, anchor.look_fraction) == (("ring", "rim"), 0.6)
     assert (anchor.optics_jitter, anchor.blur_jitter, anchor.shading_jitter) == (0.2, 0.0, 0.0)
     assert (anchor.crop, anchor.batch_size) == ((96, 96), 3)
+    # [adapt] anchor_look_fraction replaces the model's share of other looks (1: only those);
+    # a model trained on one look keeps drawing it.
+    assert adapt_corpus.anchor_settings(recipe, init, 1.0).look_fraction == 1.0
+    assert adapt_corpus.anchor_settings(recipe, TrainConfig(), 1.0).look_fraction == TrainConfig().look_fraction

@@ -14,6 +14,8 @@ class StandIn:
     """Droplets of `radius` input px that the encoder sees only down to 1.5 work px; the
     reconstruction error at each scale comes from `errors`."""
 
+    largest_radius = 40.0
+
     def __init__(self, radius, errors, count=5):
         self.radius, self.errors, self.count = radius, errors, count
         self.calls = []
@@ -137,6 +139,16 @@ def test_large_droplets_shrink_to_the_scale_that_explains_the_image_best():
     assert choice.scale == 8.0 and len(choice.table["x"]) == 2
     assert choice.tried == pytest.approx({1.0: 0.12, 2.0: 0.11, 4.0: 0.118, 8.0: 0.075}, rel=1e-4)
     np.testing.assert_allclose(choice.recon, BIG + 0.075)
+
+
+def test_droplets_read_at_the_encoders_largest_radius_are_not_weighed():
+    # Scale 4 reads the droplet at 39 working px, at the ceiling of the encoder's 40 px, and
+    # explains the image a shade better than 8, where it is read at 25 px: 8 is chosen.
+    p = ShrinkStandIn(errors={1.0: 0.11, 2.0: 0.09, 4.0: 0.0859, 8.0: 0.086}, found={1.0: 1, 2.0: 1, 4.0: 1, 8.0: 1},
+                      work_radius={1.0: 38.5, 2.0: 39.0, 4.0: 39.0, 8.0: 25.0})
+    choice = choose_scale(p, BIG)
+    assert choice.scale == 8.0 and set(choice.tried) == {1.0, 8.0}
+    assert ("reconstruct", 4.0) not in p.calls and ("predict", 4.0) in p.calls
 
 
 def test_fine_detail_on_a_shrunk_image_is_not_weighed():
