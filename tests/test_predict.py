@@ -334,33 +334,27 @@ def test_general_model_finds_droplets_of_another_look():
     assert m.fp < 0.1 * (m.tp + m.fp)
 
 
-def test_default_model_is_the_simulated_one_adapted_with_anchored_optics(default_predictor):
-    """checkpoints/default is checkpoints/simulated adapted to the real slide by
-    train/adapt_default.toml: anchored optics, an encoder that learned in the sleep phases,
-    and the simulated model's composition read-out, kept."""
-    import pathlib
-
+def test_default_model_is_the_broad_one_adapted_with_anchored_optics(default_predictor):
+    """checkpoints/default is checkpoints/broad adapted to the real slide by
+    train/broad_slide.toml: anchored optics, an encoder that learned in the sleep phases,
+    and the broad model's composition read-out, kept."""
     import jax
-
     import jax.numpy as jnp
 
     from amortize.optics import edge_blur, is_anchored, shading_keep
-    from amortize.predict import Predictor
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "simulated"
-    if not path.exists():
-        pytest.fail(f"the shipped simulation-trained model is missing: {path}")
-    simulated = Predictor.load(path)
+    broad = _broad()
     same = lambda a, b: all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, a, b)))
-    assert simulated.decoder is None and default_predictor.decoder is not None
+    assert broad.decoder is None and default_predictor.decoder is not None
     assert is_anchored(default_predictor.optics)
-    # Started at the slide's 2 px ([adapt] edge_blur_start), not the built-in 0.26 px.
-    assert 1.5 < float(edge_blur(default_predictor.optics)) < 3.0
+    # Started at the slide's 2 px ([adapt] edge_blur_start), not the built-in 0.26 px; it
+    # settled at 3.1 px (the model card).
+    assert 1.5 < float(edge_blur(default_predictor.optics)) < 4.0
     # [adapt] shading_blur: small droplets are drawn without the large ones' caustic.
     assert float(shading_keep(default_predictor.optics, jnp.float32(3.0))) < 0.5
     assert float(shading_keep(default_predictor.optics, jnp.float32(25.0))) > 0.9
-    assert not same(default_predictor.params, simulated.params)
-    assert same(default_predictor.readout, simulated.readout)
+    assert not same(default_predictor.params, broad.params)
+    assert same(default_predictor.readout, broad.readout)
 
 
 def test_log_odds_model_predicts_alone_batched_and_tiled():
@@ -439,10 +433,13 @@ def _broad():
     return Predictor.load(path)
 
 
-def test_broad_model_leaves_text_and_a_scale_bar_alone():
+@pytest.mark.parametrize("model, on_text", [("broad", 2), ("default", 4)])
+def test_broad_and_default_models_leave_text_and_a_scale_bar_alone(model, on_text, request):
     """A simulated scene with a line of text and a scale bar drawn over it: the broad model
-    (trained with such clutter) puts no circle on the bar, and at most two on the text (an
-    isolated 2-4 px block of small text can pass for a droplet; see its model card)."""
+    (trained with such clutter) and the default (broad adapted to the slide) put no circle
+    on the bar. On the text, whose 2-4 px blocks pass for small dark droplets, broad puts 1
+    and the default 4 (presence 0.41-0.61; 2 at threshold 0.5): a regression guard at those
+    figures (the model cards), short of "none"."""
     import jax
     import jax.numpy as jnp
     from scipy import ndimage
@@ -465,10 +462,11 @@ def test_broad_model_leaves_text_and_a_scale_bar_alone():
     parts, m = ndimage.label(drawn)  # undilated: each text block apart, the bar in one piece
     sizes = ndimage.sum(np.ones_like(parts), parts, index=np.arange(1, m + 1))
     bar = ndimage.binary_dilation(parts == 1 + int(np.argmax(sizes)), iterations=2)
-    table = _broad().predict(image)
+    predictor = _broad() if model == "broad" else request.getfixturevalue("default_predictor")
+    table = predictor.predict(image)
     pairs, _, _ = match_pairs(table, sim.tables[0])
     stray = np.setdiff1d(np.arange(len(table["x"])), pairs[:, 0])
     at = [(int(round(table["y"][i])), int(round(table["x"][i]))) for i in stray]
     near = ndimage.binary_dilation(drawn, iterations=2)
     assert not any(bar[yx] for yx in at)
-    assert sum(near[yx] for yx in at) <= 2
+    assert sum(near[yx] for yx in at) <= on_text
