@@ -175,7 +175,7 @@ def test_the_flat_optimiser_is_the_same_arithmetic():
 def test_init_starts_from_a_models_encoder_and_refuses_another_architecture(tmp_path):
     from amortize.checkpoint import save_model
     from amortize.config import to_dict
-    from amortize.encoder import EncoderConfig, init_encoder
+    from amortize.encoder import init_encoder
 
     run = RunConfig.tiny()
     trained = init_encoder(jax.random.PRNGKey(42), run.encoder)
