@@ -84,9 +84,9 @@ class AdaptConfig:
         anchor_fraction: share of sleep steps drawn from the recipe's own prior and the
             starting optics instead of the refitted ones, so that adapting to one corpus
             does not unlearn the scenes the model was trained on.
-        anchor_look_fraction: (`amortize adapt`) share of the anchor scenes drawn with one of the `--init`
-            model's other looks rather than its own optics; None: the share it was trained
-            with. 1 leaves its own look out of the anchor steps: on adapting to a look close
+        anchor_look_fraction: share of the anchor scenes drawn with one of the `--init`
+            model's other looks rather than its own optics (`amortize adapt` only; `train
+            --data` refuses it); None: the share it was trained with. 1 leaves its own look out of the anchor steps: on adapting to a look close
             to it (the broad model's built-in bright-field droplet and the real slide), its
             un-jittered shading pulled the encoder's centres of the slide's droplets 0.3-0.4
             px low.

@@ -108,6 +108,9 @@ def _adapt(args, writer) -> dict:
     init = Predictor.load(args.init)
     # Every field checked, and the corpus read, before the workdir is touched (in `adapt`).
     run = load_adapt_recipe(args.config, init.run.encoder, init.run.simulation)
+    if run.adapt.anchor_look_fraction is not None:  # its anchor steps draw the recipe's [train]
+        raise BadInput(args.config, "[adapt] anchor_look_fraction is for `amortize adapt`; remove it "
+                                    "for train --data")
 
     def warn(line):
         print(f"amortize train: warning: {line}", file=sys.stderr)

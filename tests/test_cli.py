@@ -357,6 +357,19 @@ def test_train_with_data_adapts_a_frozen_encoder_and_predict_writes_reconstructi
     assert 0 <= summary["recon_rmse"] < 1
 
 
+def test_train_with_data_refuses_an_amortize_adapt_only_option_in_one_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    io.write_png(data / "img0.png", np.random.default_rng(0).uniform(size=(96, 80, 3)))
+    recipe = tmp_path / "adapt.toml"
+    recipe.write_text((RECIPES / "adapt_tiny.toml").read_text().replace("[adapt]\n", "[adapt]\nanchor_look_fraction = 1.0\n"))
+    res = run("train", "--config", str(recipe), "--data", str(data), "--workdir", str(tmp_path / "w"),
+              "--init", str(tiny_model_dir), "--quiet")
+    assert res.returncode != 0 and not (tmp_path / "w").exists()
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "adapt.toml" in lines[0] and "anchor_look_fraction" in lines[0], res.stderr
+
+
 @pytest.mark.parametrize("extra, words, code", [
     (["--data", "EMPTY"], "no PNG, JPEG or TIFF", 1),
     (["--init", "checkpoints/default"], "--init: only applies with --data", 2),
