@@ -230,7 +230,7 @@ def _save_atomic(path: pathlib.Path, params: dict, config: dict, step: int, summ
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save_model(tmp, params, config, step)
     if summary is not None:
-        (tmp / "adapt.json").write_text(json.dumps(summary, indent=2) + "\n")
+        io.write_json(tmp / "adapt.json", summary, force=True)
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
