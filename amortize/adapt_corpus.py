@@ -21,10 +21,9 @@ One command, no labels and no knobs. It
    and every cycle's snapshot) gives its droplets on fixed held-out crops; the decoder is
    fitted to each candidate's droplets from the same start (the last cycle's decoder), and
    the candidate scores the held-out reconstruction error that is left. The decoder is the
-   same for all and fitted to each, and the background is read off each crop's pixels
-   outside the candidate's droplets (`amortize.background_fit`), not from its encoder, so
-   the score compares the droplet lists, not decoders or background heads: missed
-   droplets, misplaced edges and wrong sizes leave residuals that no optics can explain. The winner must beat the starting model on the held-out crops by a paired
+   same for all and fitted to each, so the score compares the droplet lists, not decoders:
+   missed droplets, misplaced edges and wrong sizes leave residuals that no optics can
+   explain. The winner must beat the starting model on the held-out crops by a paired
    bootstrap (`CONFIDENCE`); when it cannot, adapt says that it cannot tell whether
    detection improved and keeps the starting model's encoder.
 
@@ -166,12 +165,10 @@ def rescaled(corpus: Corpus, scale: float) -> Corpus:
 
 
 def fitted_errors(predictor: Predictor, crops: np.ndarray, start: dict, steps: int, border: int,
-                  render_config, measured_background: bool = False) -> tuple[np.ndarray, dict, int]:
+                  render_config) -> tuple[np.ndarray, dict, int]:
     """(per-crop RMSE, fitted optics, droplets found): `predictor`'s droplets on `crops`,
-    rendered with optics fitted to them from `start` for `steps` full-batch Adam steps, over
-    the encoder's background (as `predict` reconstructs and the wake phase renders), or with
-    `measured_background` the background read off each crop's uncovered pixels."""
-    targets = fit_targets(predictor, crops, border, measured_background)
+    rendered with optics fitted to them from `start` for `steps` full-batch Adam steps."""
+    targets = fit_targets(predictor, crops, border)
     tx, fit = make_fit_step(targets, render_config, SCORE_LEARNING_RATE)
     optics, state = start, tx.init(start)
     for _ in range(steps):
@@ -330,8 +327,7 @@ def _finish(run: AdaptRun, predictor: Predictor, job: dict, fit: Corpus, heldout
     for name, (params, config) in tqdm(loaded.items(), desc="adapt: held-out scores", disable=not progress,
                                        leave=False):
         candidate = Predictor(params, config, 0)
-        errors[name], _, found[name] = fitted_errors(candidate, crops, common, SCORE_FIT_STEPS, border,
-                                                     render_config, measured_background=True)
+        errors[name], _, found[name] = fitted_errors(candidate, crops, common, SCORE_FIT_STEPS, border, render_config)
     means = {k: float(np.mean(v)) for k, v in errors.items()}
     best = min(means, key=means.get)
     win = paired_win_rate(errors[best], errors["init"]) if best != "init" else 0.0

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amortize.background_fit import uncovered_background
 from amortize.config import RenderConfig
 from amortize.droplets import Background, Droplets
 from amortize.reconstruct import droplets_from_table, slot_count
@@ -55,21 +54,11 @@ class FitTargets(NamedTuple):
         return int(np.sum(np.asarray(self.droplets.presence) > 0))
 
 
-def fit_targets(predictor, crops: np.ndarray, border: int, measured_background: bool = False) -> FitTargets:
-    """The predictor's answer on each of `crops` (B, H, W, C): its droplets over the
-    background fitted to its encoder's background map (what `predict` reconstructs), or with
-    `measured_background` over the background read off each crop's pixels outside those
-    droplets (`amortize.background_fit`), which does not depend on the encoder's head."""
+def fit_targets(predictor, crops: np.ndarray, border: int) -> FitTargets:
+    """The predictor's answer (droplets and fitted background) on each of `crops` (B, H, W, C)."""
     crops = np.asarray(crops, np.float32)
     tables = [predictor.predict(crop) for crop in crops]
     backgrounds = [predictor.background(crop) for crop in crops]
-    if measured_background:
-        config = predictor.run.simulation.render
-        backgrounds = [
-            uncovered_background(jnp.asarray(crop), droplets_from_table(table, predictor.n_types), fallback,
-                                 tuple(crop.shape[:2]), config)
-            for crop, table, fallback in zip(crops, tables, backgrounds)
-        ]
     return targets_from_tables(crops, tables, backgrounds, predictor.n_types, border)
 
 

@@ -180,9 +180,8 @@ def fade(d: jnp.ndarray, config: RenderConfig, reach: jnp.ndarray | float | None
     return 1.0 - s * s * (3.0 - 2.0 * s)
 
 
-def from_tiles(a: jnp.ndarray, layout: GridLayout) -> jnp.ndarray:
+def _from_tiles(a: jnp.ndarray, layout: GridLayout, tile: int) -> jnp.ndarray:
     """(n_tiles, tile * tile, ...) in tile order -> (H, W, ...) image layout."""
-    tile = layout.tile
     nty, ntx = layout.tiles
     a = a.reshape((nty, ntx, tile, tile) + a.shape[2:])
     a = jnp.swapaxes(a, 1, 2).reshape((nty * tile, ntx * tile) + a.shape[4:])
@@ -272,7 +271,7 @@ def render_logits(
         return a.reshape((n_chunks, chunk) + a.shape[1:])
 
     pixels = {
-        "winner": chunked(from_tiles(winner, layout)),
+        "winner": chunked(_from_tiles(winner, layout, config.tile)),
         "start": chunk * jax.lax.iota(jnp.int32, n_chunks),  # the chunk's first pixel
         "bg_logit": chunked(background_logits(background, shape)),
     }

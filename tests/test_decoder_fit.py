@@ -62,22 +62,3 @@ def test_the_border_does_not_count(optics, tiny_render):
     assert float(squared_error(optics, targets, tiny_render)) < 1e-10
     targets = targets_from_tables(spoiled, tables, backgrounds, 3, border=2)
     assert float(squared_error(optics, targets, tiny_render)) > 1e-3
-
-
-def test_measured_background_is_read_off_the_pixels_not_the_encoder(default_predictor, monkeypatch):
-    from amortize.decoder_fit import fit_targets
-
-    # A dark field with three bright-rimmed droplets, and an encoder whose background head
-    # only knows grey (as one trained on light slides reads a dark-field image).
-    monkeypatch.setattr(default_predictor, "background", lambda crop: Background.flat([0.5, 0.5, 0.5]))
-    yy, xx = np.mgrid[:96, :96]
-    crop = np.full((96, 96, 3), 0.08, np.float32)
-    for cx, cy, r in ((30, 30, 10), (66, 40, 12), (40, 72, 8)):
-        d = np.hypot(xx - cx, yy - cy)
-        crop[(d < r) & (d > 0.75 * r)] = 0.8
-        crop[d <= 0.75 * r] = 0.2
-    encoders = fit_targets(default_predictor, crop[None], border=8)
-    measured = fit_targets(default_predictor, crop[None], border=8, measured_background=True)
-    np.testing.assert_allclose(np.asarray(encoders.background.colour), 0.5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(measured.background.colour), 0.08, atol=0.01)
-    assert measured.n_droplets == encoders.n_droplets >= 3

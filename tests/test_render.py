@@ -119,9 +119,9 @@ def test_larger_droplet_wins_overlap_by_normalised_distance(tiny_render):
     # droplet (d = 1.0): the larger droplet wins there.
     d = Droplets.from_arrays([6.0, 12.0], [10.0, 10.0], [8.0, 2.0], [[1, 0, 0], [0, 1, 0]])
     winner, layout = nearest_droplet(d, (20, 20), tiny_render)
-    from amortize.render import from_tiles
+    from amortize.render import _from_tiles
 
-    w = np.asarray(from_tiles(winner, layout))
+    w = np.asarray(_from_tiles(winner, layout, tiny_render.tile))
     assert w[10, 10] == 0
     assert w[10, 12] == 1  # at its own centre the small droplet shows
 
