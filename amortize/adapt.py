@@ -86,10 +86,10 @@ class AdaptConfig:
             does not unlearn the scenes the model was trained on.
         anchor_look_fraction: share of the anchor scenes drawn with one of the `--init`
             model's other looks rather than its own optics (`amortize adapt` only; `train
-            --data` refuses it); None: the share it was trained with. 1 leaves its own look out of the anchor steps: on adapting to a look close
-            to it (the broad model's built-in bright-field droplet and the real slide), its
-            un-jittered shading pulled the encoder's centres of the slide's droplets 0.3-0.4
-            px low.
+            --data` refuses it); None: the share it was trained with. 1 leaves its own look
+            out of the anchor steps: on adapting to a look close to it (the broad model's
+            built-in bright-field droplet and the real slide), its un-jittered shading
+            pulled the encoder's centres of the slide's droplets 0.3-0.4 px low.
         refit_crops: corpus crops the prior is refitted on.
         decoder_fit_steps: full-batch Adam steps of the final optics fit (0: none).
         decoder_fit_crops: corpus crops (of the wake crop size) the optics are fitted on.
